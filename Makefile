@@ -1,0 +1,31 @@
+# The two set-up commands: `make demo` and `make test`. Both create .venv on first use.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+# DeepSpeed JIT-compiles a comm op on first use (about 60 s): keep it between runs.
+export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.torch_extensions
+export PYTHONUNBUFFERED := 1
+
+.PHONY: demo test venv bench clean-work
+
+demo: $(STAMP)
+	$(BIN)/python -m dime_ds.demo $(ARGS)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+venv: $(STAMP)
+
+# torch/torchvision are pinned to the builds this machine has on disk; a GPU cluster installs
+# the same package with the `gpu` extra instead of `cpu` (README.md, "Installing on a cluster").
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[cpu,dev]'
+	touch $@
+
+bench: $(STAMP)
+	@for b in bench/*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done
+
+clean-work:
+	rm -rf work

@@ -1,0 +1,5 @@
+"""Config schema (dataclasses registered with Hydra), composition and validation."""
+from dime_ds.config.load import config_dir, load_config, save_config
+from dime_ds.config.validate import ConfigError
+
+__all__ = ["ConfigError", "config_dir", "load_config", "save_config"]

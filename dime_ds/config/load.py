@@ -1,0 +1,66 @@
+"""Compose, validate and save the run config: defaults <- configs/*.yaml <- command-line overrides,
+merged into the typed schema (Hydra compose API, so every entry point stays a plain function)."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Sequence
+
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.errors import HydraException
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from dime_ds.config.schema import register
+from dime_ds.config.validate import ConfigError, validate
+
+
+def config_dir() -> Path:
+    """configs/ beside the package (editable install or checkout); DIME_DS_CONFIG_DIR overrides."""
+    env = os.environ.get("DIME_DS_CONFIG_DIR")
+    path = Path(env) if env else Path(__file__).resolve().parents[2] / "configs"
+    if not (path / "config.yaml").is_file():
+        raise ConfigError(f"no config.yaml in {path}; set DIME_DS_CONFIG_DIR to the dime_ds configs/ directory")
+    return path
+
+
+def load_config(overrides: Sequence[str] = (), config_name: str = "config") -> DictConfig:
+    """The resolved, validated config. Errors name the offending key and never start heavy work."""
+    register()
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+            cfg = compose(config_name=config_name, overrides=list(overrides))
+        # Paths are made absolute before interpolations resolve, so ranks and jobs agree.
+        cfg.work_dir = str(Path(cfg.work_dir).expanduser().resolve())
+        OmegaConf.resolve(cfg)
+    except (HydraException, OmegaConfBaseException) as err:
+        raise ConfigError(f"invalid configuration: {_explain(err)}") from None
+    finally:
+        GlobalHydra.instance().clear()
+    validate(cfg)
+    OmegaConf.set_readonly(cfg, True)
+    return cfg
+
+
+def _explain(err: BaseException) -> str:
+    """Hydra wraps the OmegaConf error that names the key; show the whole chain, once each."""
+    parts = []
+    while err is not None:
+        text = str(err).strip()
+        if text and text not in parts:
+            parts.append(text)
+        err = err.__cause__
+    return "\n".join(parts)
+
+
+def save_config(cfg: DictConfig, directory: str | os.PathLike) -> Path:
+    """Write the resolved config as YAML; every run directory carries the config that made it."""
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "config.yaml"
+    tmp = path.with_suffix(".yaml.tmp")
+    tmp.write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    tmp.replace(path)
+    return path

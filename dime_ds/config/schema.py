@@ -1,0 +1,178 @@
+"""Typed schema of every config section. Each knob has exactly one owner here; YAML in configs/
+only sets values. Registered with Hydra's ConfigStore so unknown keys and wrong types fail at
+composition time, naming the key."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+
+@dataclass
+class TeacherConfig:
+    # OpenCLIP architecture name (ViT-L-14), or local-dir:<dir> / hf-hub:<repo> for a model directory.
+    arch: str = "ViT-L-14"
+    # Pretrained tag (openai, laion2b_s32b_b82k, ...) or a local weights file (.safetensors/.pt/.bin).
+    pretrained: Optional[str] = "openai"
+    precision: str = "auto"  # auto = fp16 on GPU, bf16 on CPU | bf16 | fp16 | fp32
+    shard: str = "replicate"  # replicate: a copy per rank | zero3: parameters partitioned over ranks
+    source: str = "live"  # live: run the teacher | cache: read embeddings written by the embed stage
+    cache_dir: Optional[str] = None  # embed-stage output directory, for source=cache
+
+
+@dataclass
+class StudentConfig:
+    arch: str = "ViT-B-32"  # OpenCLIP architecture name; ignored when model_cfg is given
+    model_cfg: Optional[Dict[str, Any]] = None  # inline OpenCLIP model config (embed_dim, vision_cfg, text_cfg)
+    text: str = "teacher"  # teacher: the teacher's frozen text tower | own: a student text tower, distilled
+
+
+@dataclass
+class SyntheticConfig:
+    """The synthetic world written by `python -m dime_ds.data.synthetic` (demo and tests)."""
+
+    seed: int = 0
+    image_size: int = 64
+    n_images: int = 4000  # unpaired images (distillation)
+    n_texts: int = 12000  # text corpus: describing sentences plus distractors
+    describing_fraction: float = 0.25  # share of the corpus that describes some unpaired image
+    n_paired: int = 8000  # image-caption pairs (demo teacher, from-scratch baseline)
+    n_eval: int = 600  # images per labelled evaluation set
+    shard_size: int = 1000  # samples per tar shard
+    second_object_p: float = 0.3
+
+
+@dataclass
+class DataConfig:
+    root: str = "${work_dir}/synthetic"  # where the synthetic world lives (demo/tests)
+    images: str = "${data.root}/images"  # unpaired image shards: directory, glob or brace pattern
+    texts: str = "${data.root}/texts"  # unpaired text shards
+    paired: Optional[str] = "${data.root}/paired"  # image-caption shards (teacher pretraining, baseline)
+    workers: int = 2  # loader processes per rank
+    shuffle_buffer: int = 1000
+    augment: bool = True  # random resized crop + horizontal flip, as in the paper
+    crop_scale_min: float = 0.5
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+
+
+@dataclass
+class LossConfig:
+    kind: str = "dime"  # dime: DIME-FM on unpaired data | clip: contrastive on pairs
+    w_vl: float = 0.7
+    w_pvl: float = 0.3
+    w_ud: float = 0.0
+    t_vl: float = 1.0
+    t_pvl: float = 3.0
+    t_ud: float = 7.0
+    scale: float = 100.0  # fixed logit scale of the cosine similarities
+
+
+@dataclass
+class OptimConfig:
+    name: str = "adamw"
+    lr: float = 8e-4
+    weight_decay: float = 0.05
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.98])
+    eps: float = 1e-6
+    schedule: str = "cosine"  # cosine | constant (both after linear warmup)
+    warmup_steps: int = 1000
+    min_lr: float = 0.0
+    steps: int = 10000  # optimizer steps of the whole run
+    global_batch_size: int = 4096  # images (and sentences) per optimizer step, all ranks together
+    grad_accum: int = 1
+    grad_clip: float = 1.0
+
+
+@dataclass
+class DistConfig:
+    backend: str = "auto"  # auto: nccl on GPUs, gloo on CPU | nccl | gloo
+    ds_config: str = "zero1"  # a name in ds_configs/ or a path to a DeepSpeed JSON (engine knobs only)
+    timeout_min: int = 30
+
+
+@dataclass
+class LogConfig:
+    tensorboard: bool = True
+    every_n_steps: int = 10
+    progress: bool = True  # console progress bars with ETA (rank 0)
+
+
+@dataclass
+class CkptConfig:
+    dir: str = "${run_dir}/checkpoints"
+    every_n_steps: int = 1000
+    resume: Optional[str] = None  # latest | a checkpoint tag | null
+    keep_last: int = 3
+
+
+@dataclass
+class MatchConfig:
+    stop_ratio: float = 0.95  # stop when a round keeps more than this share of remaining images
+    topk: int = 16  # candidate list length per image, reused across rounds
+    block_size: int = 1_000_000  # text embeddings searched per block
+    index: str = "flat"  # flat: exact | ivf: approximate, for corpora that do not fit
+    nlist: int = 4096
+    nprobe: int = 32
+    text_map: Optional[str] = None  # optional linear map (.npy, d x d) applied to text embeddings
+    embed_dir: str = "${work_dir}/embeddings"
+    out_dir: str = "${work_dir}/grounded"
+    batch_size: int = 256
+
+
+@dataclass
+class EvalDatasetConfig:
+    path: str = MISSING  # ImageFolder directory or webdataset shards with cls/txt
+    task: str = "zeroshot"  # zeroshot | retrieval | linear_probe
+    classnames: Optional[str] = None  # file with one class name per line; default: next to the data
+    templates: Optional[str] = None  # named template set or file; default: CLIP's ImageNet templates
+
+
+@dataclass
+class EvalConfig:
+    suite: str = "synthetic"
+    datasets: Dict[str, EvalDatasetConfig] = field(default_factory=dict)
+    every_n_steps: int = 0  # periodic eval during distillation; 0 = off
+    batch_size: int = 256
+
+
+@dataclass
+class SlurmConfig:
+    nodes: int = 1
+    gpus_per_node: int = 8
+    cpus_per_task: int = 10
+    mem_gb: int = 0  # 0 = all memory of the node
+    time_min: int = 4320
+    partition: Optional[str] = None
+    account: Optional[str] = None
+    qos: Optional[str] = None
+    constraint: Optional[str] = None
+    job_dir: str = "${work_dir}/jobs"
+
+
+@dataclass
+class RootConfig:
+    name: str = "dime_ds"
+    work_dir: str = "work"  # synthetic world, embeddings, runs; relative paths are made absolute
+    run_dir: str = "${work_dir}/runs/${name}"
+    seed: int = 0
+    device: str = "auto"  # auto: cuda when available, else cpu | cpu | cuda
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    student: StudentConfig = field(default_factory=StudentConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    ckpt: CkptConfig = field(default_factory=CkptConfig)
+    match: MatchConfig = field(default_factory=MatchConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    slurm: SlurmConfig = field(default_factory=SlurmConfig)
+
+
+SCHEMA_NAME = "dime_ds_schema"
+
+
+def register() -> None:
+    ConfigStore.instance().store(name=SCHEMA_NAME, node=RootConfig)

@@ -1,0 +1,104 @@
+"""Cross-field checks the type system cannot express. Each error names the key and the fix."""
+from __future__ import annotations
+
+import dataclasses
+
+from omegaconf import DictConfig, OmegaConf
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot run; raised before any heavy work."""
+
+
+CHOICES = {
+    "device": ("auto", "cpu", "cuda"),
+    "teacher.precision": ("auto", "bf16", "fp16", "fp32"),
+    "teacher.shard": ("replicate", "zero3"),
+    "teacher.source": ("live", "cache"),
+    "student.text": ("teacher", "own"),
+    "loss.kind": ("dime", "clip"),
+    "optim.name": ("adamw",),
+    "optim.schedule": ("cosine", "constant"),
+    "dist.backend": ("auto", "nccl", "gloo"),
+    "match.index": ("flat", "ivf"),
+}
+
+POSITIVE = (
+    "loss.t_vl", "loss.t_pvl", "loss.t_ud", "loss.scale", "optim.lr", "optim.steps",
+    "optim.global_batch_size", "optim.grad_accum", "optim.eps", "log.every_n_steps",
+    "ckpt.keep_last", "match.topk", "match.block_size", "match.batch_size", "eval.batch_size",
+    "data.synthetic.image_size", "data.synthetic.shard_size", "slurm.nodes",
+)
+NON_NEGATIVE = (
+    "loss.w_vl", "loss.w_pvl", "loss.w_ud", "optim.weight_decay", "optim.warmup_steps",
+    "optim.min_lr", "optim.grad_clip", "ckpt.every_n_steps", "eval.every_n_steps",
+    "data.workers", "slurm.gpus_per_node",
+)
+FRACTIONS = ("match.stop_ratio", "data.crop_scale_min", "data.synthetic.describing_fraction",
+             "data.synthetic.second_object_p")
+
+
+def _get(cfg: DictConfig, key: str):
+    node = cfg
+    for part in key.split("."):
+        node = node[part]
+    return node
+
+
+def _unknown_keys(node: DictConfig, prefix: str = "") -> list[str]:
+    """Keys that no schema dataclass declares (Hydra's `+key=` bypasses the struct flag)."""
+    kind = OmegaConf.get_type(node)
+    if not dataclasses.is_dataclass(kind):
+        return []
+    fields = {f.name for f in dataclasses.fields(kind)}
+    found = []
+    for key in node.keys():
+        if key not in fields:
+            found.append(f"{prefix}{key} is not a known key of {prefix.rstrip('.') or 'the config'} "
+                         f"(known: {', '.join(sorted(fields))})")
+        elif isinstance(node[key], DictConfig):
+            found.extend(_unknown_keys(node[key], f"{prefix}{key}."))
+    return found
+
+
+def validate(cfg: DictConfig) -> None:
+    errors = _unknown_keys(cfg)
+    for key, allowed in CHOICES.items():
+        value = _get(cfg, key)
+        if value not in allowed:
+            errors.append(f"{key}={value!r} is not one of: {', '.join(allowed)}")
+    for key in POSITIVE:
+        if not _get(cfg, key) > 0:
+            errors.append(f"{key}={_get(cfg, key)!r} must be > 0")
+    for key in NON_NEGATIVE:
+        if _get(cfg, key) < 0:
+            errors.append(f"{key}={_get(cfg, key)!r} must be >= 0")
+    for key in FRACTIONS:
+        if not 0.0 <= _get(cfg, key) <= 1.0:
+            errors.append(f"{key}={_get(cfg, key)!r} must lie in [0, 1]")
+
+    loss, optim, teacher = cfg.loss, cfg.optim, cfg.teacher
+    if loss.kind == "dime" and loss.w_vl + loss.w_pvl + loss.w_ud <= 0:
+        errors.append("loss.w_vl + loss.w_pvl + loss.w_ud must be > 0: every DIME-FM term is switched off")
+    if optim.warmup_steps > optim.steps:
+        errors.append(f"optim.warmup_steps={optim.warmup_steps} exceeds optim.steps={optim.steps}")
+    if optim.min_lr > optim.lr:
+        errors.append(f"optim.min_lr={optim.min_lr} exceeds optim.lr={optim.lr}")
+    if optim.global_batch_size % optim.grad_accum:
+        errors.append(f"optim.global_batch_size={optim.global_batch_size} is not divisible by "
+                      f"optim.grad_accum={optim.grad_accum}")
+    if len(optim.betas) != 2 or not all(0.0 <= b < 1.0 for b in optim.betas):
+        errors.append(f"optim.betas={list(optim.betas)} must be two numbers in [0, 1)")
+    if teacher.source == "cache" and not teacher.cache_dir:
+        errors.append("teacher.source=cache needs teacher.cache_dir (the embed stage's output directory)")
+    if teacher.source == "cache" and teacher.shard == "zero3":
+        errors.append("teacher.shard=zero3 contradicts teacher.source=cache: a cached teacher has no "
+                      "parameters to partition; use teacher.shard=replicate")
+    if loss.kind == "clip" and cfg.student.text != "own":
+        errors.append("loss.kind=clip trains image and text towers together: set student.text=own")
+    if cfg.student.model_cfg is not None:
+        missing = [k for k in ("embed_dim", "vision_cfg", "text_cfg") if k not in cfg.student.model_cfg]
+        if missing:
+            errors.append(f"student.model_cfg lacks {', '.join(missing)} (an OpenCLIP model config)")
+    if errors:
+        raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(errors))

@@ -1,0 +1,1 @@
+"""Training machinery: schedules, train loops, checkpoints. The only package that imports deepspeed."""

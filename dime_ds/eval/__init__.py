@@ -1,0 +1,1 @@
+"""Evaluation: zero-shot classification (retrieval and linear probe to come)."""

@@ -1,0 +1,1 @@
+"""Console tables and progress; TensorBoard writer (rank 0)."""

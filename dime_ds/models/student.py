@@ -1,0 +1,128 @@
+"""The student: an OpenCLIP image tower (any architecture name or an inline config), randomly
+initialised, plus either its own text tower or none (the teacher's frozen text tower then speaks
+for it). When its embedding width differs from the teacher's, a learned linear projection maps it
+into the teacher's space; export folds that projection into the tower's own."""
+from __future__ import annotations
+
+import copy
+from typing import Any, Mapping
+
+import open_clip
+import torch
+from omegaconf import OmegaConf
+from torch import nn
+
+OPEN_CLIP_KEYS = ("embed_dim", "vision_cfg", "text_cfg", "quick_gelu", "init_logit_scale")
+
+
+def student_model_cfg(student_cfg: Any) -> dict:
+    """The OpenCLIP model config of the student section: inline `model_cfg`, else the named arch."""
+    if student_cfg.model_cfg is not None:
+        cfg = OmegaConf.to_container(student_cfg.model_cfg, resolve=True) \
+            if OmegaConf.is_config(student_cfg.model_cfg) else copy.deepcopy(dict(student_cfg.model_cfg))
+    else:
+        cfg = open_clip.get_model_config(student_cfg.arch)
+        if cfg is None:
+            raise ValueError(f"student.arch={student_cfg.arch!r} is not an OpenCLIP architecture "
+                             f"(open_clip.list_models() lists them), and student.model_cfg is null")
+    if "hf_model_name" in cfg.get("text_cfg", {}) or "timm_model_name" in cfg.get("vision_cfg", {}):
+        raise ValueError(f"student {student_cfg.arch!r}: towers from HF/timm hubs need downloads; "
+                         "use a native OpenCLIP ViT config")
+    return cfg
+
+
+class Student(nn.Module):
+    """Trainable student. `encode_*` return raw embeddings in the teacher's space (target_dim)."""
+
+    def __init__(self, model_cfg: Mapping[str, Any], text: str, target_dim: int | None = None):
+        super().__init__()
+        self.model_cfg = copy.deepcopy(dict(model_cfg))
+        own_dim = int(self.model_cfg["embed_dim"])
+        self.target_dim = int(target_dim or own_dim)
+        self.text_mode = text
+        kwargs = {k: v for k, v in self.model_cfg.items() if k in OPEN_CLIP_KEYS}
+        # A [1]-shaped logit scale: DeepSpeed's broadcast cannot handle 0-dim parameters.
+        clip = open_clip.CustomTextCLIP(**kwargs, nonscalar_logit_scale=True)
+        self.visual = clip.visual
+        self.image_proj = self._projection(own_dim)
+        if text == "own":
+            self.text = clip.text
+            self.text_proj = self._projection(own_dim)
+            self.logit_scale = clip.logit_scale  # learned only by the CLIP loss; DIME-FM fixes 100
+        elif text == "teacher":
+            self.text = self.text_proj = self.logit_scale = None
+        else:
+            raise ValueError(f"student.text={text!r} is not one of: teacher, own")
+
+    def _projection(self, own_dim: int) -> nn.Module | None:
+        return nn.Linear(own_dim, self.target_dim, bias=False) if own_dim != self.target_dim else None
+
+    @property
+    def has_text(self) -> bool:
+        return self.text is not None
+
+    @property
+    def context_length(self) -> int:
+        return int(self.model_cfg["text_cfg"].get("context_length", 77))
+
+    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
+        x = self.visual(images)
+        return self.image_proj(x) if self.image_proj is not None else x
+
+    def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
+        if self.text is None:
+            raise RuntimeError("this student uses the teacher's text tower (student.text=teacher)")
+        x = self.text(tokens)
+        return self.text_proj(x) if self.text_proj is not None else x
+
+    def openclip_state(self, text_state: Mapping[str, torch.Tensor] | None = None,
+                       text_cfg: Mapping[str, Any] | None = None) -> tuple[dict, dict]:
+        """(state_dict, model_cfg) of a plain OpenCLIP CustomTextCLIP with projections folded in.
+        A student without a text tower takes the teacher's (`text_state` keys without `text.`)."""
+        state = {}
+        for key, value in self.visual.state_dict().items():
+            state[f"visual.{key}"] = value
+        state["visual.proj"] = _fold(self.visual.proj, self.image_proj)
+        cfg = copy.deepcopy(self.model_cfg)
+        cfg["embed_dim"] = self.target_dim
+        cfg["custom_text"] = True
+        if self.text is not None:
+            for key, value in self.text.state_dict().items():
+                state[f"text.{key}"] = value
+            state["text.text_projection"] = _fold(self.text.text_projection, self.text_proj)
+            state["logit_scale"] = self.logit_scale.detach().reshape([])
+        else:
+            if text_state is None or text_cfg is None:
+                raise ValueError("a student with the teacher's text tower needs its text_state and text_cfg")
+            state.update({f"text.{k}": v for k, v in text_state.items()})
+            cfg["text_cfg"] = copy.deepcopy(dict(text_cfg))
+            state["logit_scale"] = torch.tensor(float(torch.log(torch.tensor(100.0))))
+        return {k: v.detach().float() for k, v in state.items()}, cfg
+
+
+def _fold(tower_proj: torch.Tensor | None, head: nn.Linear | None) -> torch.Tensor:
+    """x @ P @ Wᵀ == x @ (P @ Wᵀ): one projection matrix of shape (width, target_dim)."""
+    if not isinstance(tower_proj, torch.Tensor):
+        raise NotImplementedError("export needs a tower with a matrix projection (OpenCLIP ViT default)")
+    if head is None:
+        return tower_proj.detach()
+    return tower_proj.detach() @ head.weight.detach().t()
+
+
+def build_student(student_cfg: Any, target_dim: int | None = None) -> Student:
+    """A randomly initialised student from the `student` config section."""
+    return Student(student_model_cfg(student_cfg), student_cfg.text, target_dim)
+
+
+def student_preprocess_cfg(model_cfg: Mapping[str, Any]) -> dict:
+    """OpenCLIP's default preprocessing at the student's image size (OpenAI mean/std, bicubic)."""
+    from dataclasses import asdict
+
+    from open_clip.transform import PreprocessCfg
+
+    return asdict(PreprocessCfg(size=model_cfg["vision_cfg"].get("image_size", 224)))
+
+
+def student_tokenizer(student: Student):
+    """OpenCLIP's BPE tokenizer at the student's text context length (ships with open_clip)."""
+    return open_clip.SimpleTokenizer(context_length=student.context_length)

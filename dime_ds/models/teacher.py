@@ -1,0 +1,111 @@
+"""The frozen teacher: any OpenCLIP architecture with a pretrained tag, a local weights file, or an
+OpenCLIP model directory (local-dir:/hf-hub:). Eval mode, no gradients, half precision; it returns
+raw fp32 embeddings so every loss sees the same dtype whatever the teacher ran in."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import open_clip
+from open_clip.factory import parse_model_name
+import torch
+from torch import nn
+
+from dime_ds.models.precision import OPEN_CLIP_PRECISION, compute_dtype
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pth", ".pt")
+OFFLINE_HINT = (
+    "On a machine without network access, fetch the weights once elsewhere and point at them: "
+    "teacher.pretrained=/path/to/open_clip_pytorch_model.bin (or .safetensors) with the architecture "
+    "name in teacher.arch, or teacher.arch=local-dir:/path/to/model_dir (open_clip_config.json + "
+    "open_clip_model.safetensors) with teacher.pretrained=null."
+)
+
+
+class TeacherWeightsError(RuntimeError):
+    """The teacher's weights cannot be had; the message names the local-file alternatives."""
+
+
+class Teacher(nn.Module):
+    """A frozen OpenCLIP model. `encode_*` return fp32 raw (unnormalised) embeddings."""
+
+    def __init__(self, model: nn.Module, model_cfg: dict, preprocess_cfg: dict, tokenizer, dtype: torch.dtype):
+        super().__init__()
+        self.model = model.eval().requires_grad_(False)
+        self.model_cfg = model_cfg
+        self.preprocess_cfg = preprocess_cfg
+        self.tokenizer = tokenizer
+        self.dtype = dtype
+
+    @property
+    def embed_dim(self) -> int:
+        return int(self.model_cfg["embed_dim"])
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def train(self, mode: bool = True) -> "Teacher":
+        # A teacher never trains: dropout and friends stay off even inside a student's .train().
+        return super().train(False)
+
+    @torch.no_grad()
+    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
+        return self.model.encode_image(images.to(self.device, self.dtype)).float()
+
+    @torch.no_grad()
+    def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.model.encode_text(tokens.to(self.device)).float()
+
+
+def _describe(arch: str, pretrained: str | None) -> str:
+    return f"teacher.arch={arch}" + (f" teacher.pretrained={pretrained}" if pretrained else "")
+
+
+def _check_source(arch: str, pretrained: str | None) -> None:
+    """Fail before building anything when the weights obviously are not there."""
+    schema, ident = parse_model_name(arch)
+    if schema == "local-dir":
+        path = Path(ident)
+        if not (path / "open_clip_config.json").is_file():
+            raise TeacherWeightsError(f"{_describe(arch, pretrained)}: {path} holds no open_clip_config.json. "
+                                      + OFFLINE_HINT)
+        if not any(p.suffix in WEIGHT_SUFFIXES for p in path.iterdir()):
+            raise TeacherWeightsError(f"{_describe(arch, pretrained)}: {path} holds no weights file "
+                                      f"({', '.join(WEIGHT_SUFFIXES)}); a teacher must not be random.")
+        if pretrained:
+            raise TeacherWeightsError(f"{_describe(arch, pretrained)}: a local-dir: teacher carries its own "
+                                      "weights; set teacher.pretrained=null.")
+    elif schema is None:
+        if not pretrained:
+            raise TeacherWeightsError(f"{_describe(arch, pretrained)}: teacher.pretrained is null, so the "
+                                      "teacher would be random. " + OFFLINE_HINT)
+        looks_like_path = os.sep in pretrained or pretrained.endswith(WEIGHT_SUFFIXES)
+        if looks_like_path and not os.path.isfile(pretrained):
+            raise TeacherWeightsError(f"{_describe(arch, pretrained)}: no such weights file.")
+
+
+def load_teacher(teacher_cfg: Any, device: torch.device) -> Teacher:
+    """Build the frozen teacher from the `teacher` config section on `device`."""
+    arch, pretrained = teacher_cfg.arch, teacher_cfg.pretrained
+    _check_source(arch, pretrained)
+    dtype = compute_dtype(teacher_cfg.precision, device)
+    try:
+        model = open_clip.create_model(
+            arch,
+            pretrained=pretrained,
+            precision=OPEN_CLIP_PRECISION[dtype],
+            device=device,
+            require_pretrained=True,
+            weights_only=True,  # never unpickle a checkpoint
+        )
+        tokenizer = open_clip.get_tokenizer(arch)
+    except TeacherWeightsError:
+        raise
+    except Exception as err:  # download failures, missing tags, corrupt files: say what to do instead
+        raise TeacherWeightsError(f"could not load {_describe(arch, pretrained)}: {err}\n{OFFLINE_HINT}") from err
+    model_cfg = open_clip.get_model_config(arch) or {}
+    if "embed_dim" not in model_cfg:
+        raise TeacherWeightsError(f"{_describe(arch, pretrained)}: no model config with embed_dim found")
+    return Teacher(model, model_cfg, dict(model.visual.preprocess_cfg), tokenizer, dtype)

@@ -1,0 +1,39 @@
+"""Shared fixtures: a tiny synthetic world and tiny OpenCLIP model configs (no downloads)."""
+from __future__ import annotations
+
+import copy
+import os
+
+import pytest
+from omegaconf import OmegaConf
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a test must never wait on the network
+
+TINY_WORLD = dict(seed=3, image_size=32, n_images=64, n_texts=96, describing_fraction=0.25, n_paired=96,
+                  n_eval=32, shard_size=32, second_object_p=0.3)
+
+TINY_MODEL_CFG = {
+    "embed_dim": 32,
+    "vision_cfg": {"image_size": 32, "patch_size": 8, "width": 32, "layers": 1, "head_width": 16,
+                   "mlp_ratio": 2.0},
+    "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1,
+                 "mlp_ratio": 2.0},
+}
+
+
+def tiny_model_cfg(embed_dim: int = 32, width: int = 32) -> dict:
+    cfg = copy.deepcopy(TINY_MODEL_CFG)
+    cfg["embed_dim"] = embed_dim
+    cfg["vision_cfg"]["width"] = width
+    cfg["text_cfg"]["width"] = width
+    return cfg
+
+
+@pytest.fixture(scope="session")
+def tiny_world(tmp_path_factory):
+    from dime_ds.config.schema import SyntheticConfig
+    from dime_ds.data.synthetic import write_world
+
+    out = tmp_path_factory.mktemp("tiny_world")
+    write_world(out, OmegaConf.structured(SyntheticConfig(**TINY_WORLD)), progress=False)
+    return out

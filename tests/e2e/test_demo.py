@@ -1,0 +1,52 @@
+"""`make demo`'s entry point end to end on a tiny world: world, teacher training, reload as a plain
+OpenCLIP model directory, zero-shot table; a second run reuses the cached teacher."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+TINY = ["data.synthetic.n_images=64", "data.synthetic.n_texts=96", "data.synthetic.n_paired=64",
+        "data.synthetic.n_eval=16", "data.synthetic.shard_size=32", "data.synthetic.image_size=32",
+        "optim.steps=3", "optim.warmup_steps=1", "optim.global_batch_size=16", "data.workers=0",
+        "data.shuffle_buffer=8", "log.progress=false"]
+
+
+def _demo(work_dir: Path, *extra: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "dime_ds.demo", f"work_dir={work_dir}", *TINY, *extra],
+                          capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.slow
+def test_demo_end_to_end_then_reuses_teacher(tmp_path):
+    first = _demo(tmp_path)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert "teacher trained in" in first.stdout
+    for name in ("shape", "colour"):
+        assert f"teacher  {name}" in first.stdout
+    results = json.loads((tmp_path / "runs" / "demo" / "demo_results.json").read_text())
+    for name in ("shape", "colour"):
+        metrics = results["results"]["teacher"][name]
+        assert metrics["n"] == 16 and 0.0 <= metrics["top1"] <= metrics["top5"] <= 1.0
+    assert (tmp_path / "runs" / "demo" / "config.yaml").is_file()
+
+    # The teacher directory is a plain OpenCLIP model: loadable with no dime_ds code at all.
+    probe = ("import open_clip, sys; m = open_clip.create_model(sys.argv[1]); "
+             "assert 'dime_ds' not in sys.modules; print(sum(p.numel() for p in m.parameters()))")
+    loaded = subprocess.run([sys.executable, "-c", probe, f"local-dir:{tmp_path / 'demo_teacher'}"],
+                            capture_output=True, text=True, timeout=300)
+    assert loaded.returncode == 0 and int(loaded.stdout.strip().splitlines()[-1]) > 0, loaded.stderr[-2000:]
+
+    again = _demo(tmp_path)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "teacher reused" in again.stdout
+
+
+def test_demo_bad_override_fails_fast_with_the_key(tmp_path):
+    run = _demo(tmp_path, "optim.lr=fast")
+    assert run.returncode == 2
+    assert "optim.lr" in run.stderr
+    assert not (tmp_path / "synthetic").exists()  # nothing heavy started
