@@ -65,6 +65,12 @@ class Student(nn.Module):
     def context_length(self) -> int:
         return int(self.model_cfg["text_cfg"].get("context_length", 77))
 
+    def forward(self, images: torch.Tensor | None = None, tokens: torch.Tensor | None = None):
+        """(image embeddings, text embeddings), each None when its input is. Engines call this:
+        ZeRO-3 gathers partitioned parameters around module forwards."""
+        return (self.encode_image(images) if images is not None else None,
+                self.encode_text(tokens) if tokens is not None else None)
+
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
         x = self.visual(images)
         return self.image_proj(x) if self.image_proj is not None else x
