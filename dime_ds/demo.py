@@ -1,7 +1,17 @@
-"""`make demo`: the embedded default on one CPU machine, nothing downloaded. Writes the synthetic
-world, trains (or reuses) the demo teacher with the CLIP loss on paired shards, then evaluates it
-zero-shot on the labelled synthetic sets and prints a table. Extra arguments are Hydra overrides
-applied to every stage (e.g. `work_dir=/tmp/demo optim.steps=50`)."""
+"""`make demo`: the embedded default on one CPU machine, nothing downloaded.
+
+1. writes the synthetic world (unpaired images, a mostly non-visual corpus, pairs, labelled sets);
+2. trains the demo teacher with the CLIP loss on the pairs (or reuses it while its recipe holds)
+   and saves it as an OpenCLIP model directory, loaded afterwards like any hub model;
+3. distills it into a smaller student with DIME-FM on unpaired images and sentences;
+4. trains the same student architecture from scratch with the CLIP loss on as many *paired*
+   samples, the yardstick;
+5. prints one table: zero-shot accuracy per labelled set, image-tower parameters, samples/s.
+
+Extra arguments are Hydra overrides (e.g. `work_dir=/tmp/demo optim.steps=300`). Those of the
+training recipe (optim, loss, student, eval, ckpt) apply to the two students only: the cached
+teacher keeps its own recipe (`experiment=demo_teacher`), changed with a `pretrain.` prefix
+(`pretrain.optim.steps=200`); the rest (work_dir, data, seed, ...) apply to every stage."""
 from __future__ import annotations
 
 import json
@@ -17,9 +27,7 @@ from dime_ds.cli import run_entry
 from dime_ds.config import ConfigError, load_config, save_config
 from dime_ds.data.synthetic import write_world
 from dime_ds.engine.pretrain import is_current, pretrain_clip
-from dime_ds.eval.suite import evaluate_suite
 from dime_ds.log.table import format_table
-from dime_ds.models import load_teacher, resolve_device
 
 log = logging.getLogger("dime_ds.demo")
 
@@ -32,9 +40,24 @@ def teacher_dir(cfg) -> Path:
     return Path(path)
 
 
+STUDENT_ONLY = ("optim.", "loss.", "student.", "eval.", "ckpt.", "teacher.", "name=")
+
+
+TEACHER_ONLY = "pretrain."
+
+
+def teacher_overrides(overrides: Sequence[str]) -> list[str]:
+    return [o[len(TEACHER_ONLY):] if o.startswith(TEACHER_ONLY) else o for o in overrides
+            if o.startswith(TEACHER_ONLY) or not o.lstrip("+~").startswith(STUDENT_ONLY)]
+
+
+def student_overrides(overrides: Sequence[str]) -> list[str]:
+    return [o for o in overrides if not o.startswith(TEACHER_ONLY)]
+
+
 def ensure_teacher(overrides: Sequence[str], out_dir: Path) -> dict | None:
     """Train the demo teacher unless a current one (same recipe) is already there."""
-    cfg = load_config(["experiment=demo_teacher", *overrides])
+    cfg = load_config(["experiment=demo_teacher", *teacher_overrides(overrides)])
     write_world(cfg.data.root, cfg.data.synthetic)
     if is_current(out_dir, cfg):
         log.info("demo teacher in %s is current; reusing it", out_dir)
@@ -43,27 +66,43 @@ def ensure_teacher(overrides: Sequence[str], out_dir: Path) -> dict | None:
     return pretrain_clip(cfg, out_dir)
 
 
+def _rows(name: str, summary: dict, results: dict) -> list:
+    row = [name]
+    for dataset, m in results.items():
+        row.append("missing" if m.get("missing") else f"{100 * m['top1']:.1f}")
+    row += [f"{summary.get('image_params', 0) / 1e6:.2f}M", f"{summary.get('samples_per_s', 0):.0f}"]
+    return row
+
+
 def main(overrides: Sequence[str]) -> int:
     start = time.time()
-    cfg = load_config(["experiment=demo", *overrides])
-    save_config(cfg, cfg.run_dir)
-    trained = ensure_teacher(overrides, teacher_dir(cfg))
-    device = resolve_device(cfg.device)
-    teacher = load_teacher(cfg.teacher, device)
-    results = {"teacher": evaluate_suite(teacher.encode_image, teacher.encode_text, teacher.tokenizer,
-                                         teacher.preprocess_cfg, cfg.eval, device)}
-    rows = []
-    for model, per_set in results.items():
-        for name, m in per_set.items():
-            rows.append([model, name, "missing" if m.get("missing") else f"{100 * m['top1']:.1f}",
-                         "" if m.get("missing") else f"{100 / m['classes']:.1f}", m.get("n", 0)])
-    table = format_table(["model", "dataset", "zero-shot top-1 %", "chance %", "images"], rows)
+    distill_cfg = load_config(["experiment=demo", *student_overrides(overrides)])
+    baseline_cfg = load_config(["experiment=demo_baseline", *student_overrides(overrides)])
+    trained = ensure_teacher(overrides, teacher_dir(distill_cfg))
+
+    from dime_ds.engine.run import run_training  # DeepSpeed loads only once the configs are valid
+
+    distilled = run_training(distill_cfg)
+    baseline = run_training(baseline_cfg)
+    teacher_eval = distilled["eval"]["teacher"]
+    teacher_summary = {"image_params": distilled.get("teacher_image_params", 0),
+                       "samples_per_s": (trained or {}).get("samples_per_s", 0)}
+    datasets = list(teacher_eval)
+    chance = {d: f"{100 / m['classes']:.1f}" for d, m in teacher_eval.items() if not m.get("missing")}
+    rows = [_rows("teacher (CLIP loss, paired)", teacher_summary, teacher_eval),
+            _rows("student, DIME-FM (unpaired)", distilled, distilled["eval"]["student"]),
+            _rows("student, from scratch (paired)", baseline, baseline["eval"]["student"]),
+            ["chance", *[chance.get(d, "") for d in datasets], "", ""]]
+    header = ["model", *[f"{d} top-1 %" for d in datasets], "image params", "train samples/s"]
     wall = time.time() - start
-    print("\n" + table + f"\n\ndemo wall time {wall:.0f} s"
+    print("\n" + format_table(header, rows))
+    print(f"\n{distill_cfg.optim.steps} steps x {distill_cfg.optim.global_batch_size} samples each for both "
+          f"students; demo wall time {wall:.0f} s"
           + (f" (teacher trained in {trained['wall_s']:.0f} s)" if trained else " (teacher reused)"))
-    out = Path(cfg.run_dir) / "demo_results.json"
-    out.write_text(json.dumps({"results": results, "teacher_training": trained, "wall_s": wall}, indent=2))
-    print(f"results: {out}")
+    out = Path(distill_cfg.run_dir) / "demo_results.json"
+    out.write_text(json.dumps({"teacher": teacher_eval, "distilled": distilled, "baseline": baseline,
+                               "teacher_training": trained, "wall_s": wall}, indent=2, default=str))
+    print(f"results: {out}\nTensorBoard: tensorboard --logdir {Path(distill_cfg.work_dir) / 'runs'}")
     return 0
 
 

@@ -37,3 +37,29 @@ def tiny_world(tmp_path_factory):
     out = tmp_path_factory.mktemp("tiny_world")
     write_world(out, OmegaConf.structured(SyntheticConfig(**TINY_WORLD)), progress=False)
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_teacher_dir(tmp_path_factory):
+    """A random tiny CLIP saved as an OpenCLIP model directory: enough to exercise every teacher path."""
+    import open_clip
+    import torch
+
+    from dime_ds.models import save_openclip_dir
+    from dime_ds.models.student import student_preprocess_cfg
+
+    out = tmp_path_factory.mktemp("tiny_teacher")
+    cfg = tiny_model_cfg(embed_dim=32, width=32)
+    cfg["text_cfg"]["context_length"] = 32
+    torch.manual_seed(0)
+    model = open_clip.CLIP(**cfg)
+    save_openclip_dir(model.state_dict(), cfg, student_preprocess_cfg(cfg), out)
+    return out
+
+
+def engine_overrides(work_dir, world_dir, teacher_dir, *extra: str) -> list[str]:
+    """A seconds-long distillation run on the tiny world (demo student: 64-d, so it is projected)."""
+    return ["experiment=demo", f"work_dir={work_dir}", f"data.root={world_dir}",
+            f"teacher.arch=local-dir:{teacher_dir}", "optim.steps=3", "optim.warmup_steps=1",
+            "optim.global_batch_size=16", "data.workers=0", "data.shuffle_buffer=8", "log.progress=false",
+            "log.every_n_steps=1", "eval.every_n_steps=0", "ckpt.every_n_steps=0", *extra]

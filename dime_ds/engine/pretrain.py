@@ -11,12 +11,11 @@ from typing import Any
 
 import torch
 from omegaconf import OmegaConf
-from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from dime_ds.data.loaders import paired_batches
 from dime_ds.data.pipelines import image_transform
 from dime_ds.data.shards import list_shards, sha256_file
-from dime_ds.data.streams import ShardStream, paired_process
 from dime_ds.engine.param_groups import param_groups
 from dime_ds.engine.schedule import lr_at
 from dime_ds.losses.functional import clip_loss
@@ -51,18 +50,16 @@ def pretrain_clip(cfg: Any, out_dir: str | Path) -> dict:
     model = build_student(cfg.student).to(device).train()
     preprocess = student_preprocess_cfg(model.model_cfg)
     transform = image_transform(preprocess, train=cfg.data.augment, crop_scale_min=cfg.data.crop_scale_min)
-    stream = ShardStream(list_shards(cfg.data.paired), paired_process(transform, student_tokenizer(model)),
-                         seed=cfg.seed, shuffle_buffer=cfg.data.shuffle_buffer)
     batch = cfg.optim.global_batch_size
-    loader = DataLoader(stream, batch_size=batch, num_workers=cfg.data.workers,
-                        persistent_workers=cfg.data.workers > 0)
+    batches = paired_batches(list_shards(cfg.data.paired), transform, student_tokenizer(model), batch,
+                             seed=cfg.seed, workers=cfg.data.workers, shuffle_buffer=cfg.data.shuffle_buffer)
     optimizer = torch.optim.AdamW(param_groups(model, cfg.optim.weight_decay), lr=cfg.optim.lr,
-                                  betas=tuple(cfg.optim.betas), eps=cfg.optim.eps)
+                                  betas=tuple(cfg.optim.betas), eps=cfg.optim.eps, fused=True)
     steps, start, loss_value = cfg.optim.steps, time.time(), float("nan")
     bar = tqdm(total=steps, desc=f"pretrain {cfg.name}", disable=not cfg.log.progress, dynamic_ncols=True)
-    batches = iter(loader)
     for step in range(steps):
-        images, tokens = next(batches)
+        pair = next(batches)
+        images, tokens = pair["images"], pair["tokens"]
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, cfg.optim)
         loss = clip_loss(model.encode_image(images.to(device)), model.encode_text(tokens.to(device)),
@@ -78,6 +75,7 @@ def pretrain_clip(cfg: Any, out_dir: str | Path) -> dict:
         if bar.disable and (step + 1) % (10 * cfg.log.every_n_steps) == 0:  # logs instead of a bar
             log.info("step %d/%d loss %.4f lr %.2e", step + 1, steps, loss_value, lr_at(step, cfg.optim))
     bar.close()
+    batches.close()
     wall = time.time() - start
     summary = {"steps": steps, "final_loss": loss_value, "samples_per_s": steps * batch / wall, "wall_s": wall,
                "recipe": recipe_hash(cfg)}

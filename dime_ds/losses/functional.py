@@ -1,7 +1,10 @@
-"""DIME-FM and CLIP losses as pure math on whole-batch tensors. No torch.distributed here: the
-distributed module gathers features and calls these (or their row-block forms) so that both
-paths share one definition. Definitions: ../shared/DESIGN.md, "The method, precisely"."""
+"""DIME-FM and CLIP losses as pure math on tensors. No torch.distributed here: dime.py gathers the
+features across ranks and calls the row-block forms below (local rows against gathered columns), and
+the whole-batch forms call the same block functions with rows = columns, so both paths share one
+definition. Definitions: ../shared/DESIGN.md, "The method, precisely"."""
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -21,6 +24,52 @@ def kd_kl(teacher_logits: torch.Tensor, student_logits: torch.Tensor, temperatur
     return per_row.sum() / (denominator if denominator is not None else per_row.shape[0])
 
 
+class DimeFeatures(NamedTuple):
+    """L2-normalised embeddings, rows are samples: teacher and student images and sentences.
+    `s_txt is t_txt` when the student uses the teacher's frozen text tower."""
+    t_img: torch.Tensor
+    t_txt: torch.Tensor
+    s_img: torch.Tensor
+    s_txt: torch.Tensor
+
+    @classmethod
+    def of(cls, t_img: torch.Tensor, t_txt: torch.Tensor, s_img: torch.Tensor, s_txt: torch.Tensor
+           ) -> "DimeFeatures":
+        """Normalise raw embeddings, keeping `s_txt is t_txt` (normalised once)."""
+        tt = normalize(t_txt)
+        return cls(normalize(t_img), tt, normalize(s_img), tt if s_txt is t_txt else normalize(s_txt))
+
+    @property
+    def own_text(self) -> bool:
+        return self.s_txt is not self.t_txt
+
+
+def dime_losses_block(rows: DimeFeatures, cols: DimeFeatures, *,
+                      w_vl: float = 0.7, w_pvl: float = 0.3, w_ud: float = 0.0,
+                      t_vl: float = 1.0, t_pvl: float = 3.0, t_ud: float = 7.0,
+                      scale: float = 100.0) -> dict[str, torch.Tensor]:
+    """DIME-FM losses of a block of rows (images and sentences) against all columns, each KL term
+    averaged over the block's own rows (images for image rows, sentences for sentence rows).
+
+    `cols` holds the whole batch; `rows` is the whole batch too (single process) or one rank's equal
+    share of it, in which case the mean over ranks of the result is the whole-batch loss. The
+    student uses the teacher's text tower when `rows.s_txt is rows.t_txt`; the sentence part of L_ud
+    then vanishes and is not computed. Returns `vl`, `pvl`, `ud` and `total` (weighted sum)."""
+    r, c = rows, cols
+    # L_vl: image rows over all sentences, sentence rows over all images, summed.
+    vl = kd_kl(scale * r.t_img @ c.t_txt.t(), scale * r.s_img @ c.s_txt.t(), t_vl) \
+        + kd_kl(scale * r.t_txt @ c.t_img.t(), scale * r.s_txt @ c.s_img.t(), t_vl)
+    # L_pvl: the teacher's image embeddings stand in for captions.
+    t_ii = scale * r.t_img @ c.t_img.t()
+    pvl = 2.0 * kd_kl(t_ii, scale * r.s_img @ c.t_img.t(), t_pvl)
+    # L_ud: uni-modal structure; for sentences only when the student has its own text tower.
+    ud = 2.0 * kd_kl(t_ii, scale * r.s_img @ c.s_img.t(), t_ud)
+    if r.own_text:
+        ud = ud + 2.0 * kd_kl(scale * r.t_txt @ c.t_txt.t(), scale * r.s_txt @ c.s_txt.t(), t_ud)
+    total = w_vl * vl + w_pvl * pvl + w_ud * ud
+    return {"vl": vl, "pvl": pvl, "ud": ud, "total": total}
+
+
 def dime_losses(t_img: torch.Tensor, t_txt: torch.Tensor, s_img: torch.Tensor, s_txt: torch.Tensor, *,
                 w_vl: float = 0.7, w_pvl: float = 0.3, w_ud: float = 0.0,
                 t_vl: float = 1.0, t_pvl: float = 3.0, t_ud: float = 7.0,
@@ -29,23 +78,22 @@ def dime_losses(t_img: torch.Tensor, t_txt: torch.Tensor, s_img: torch.Tensor, s
 
     Inputs are raw embeddings, rows are samples; `s_txt` may be `t_txt` itself (the student uses
     the teacher's frozen text tower). Returns `vl`, `pvl`, `ud` and `total` (weighted sum)."""
-    ti, tt, si, st = normalize(t_img), normalize(t_txt), normalize(s_img), normalize(s_txt)
-    # L_vl: image->text rows and text->image rows (the transposed matrices), summed.
-    t_it, s_it = scale * ti @ tt.t(), scale * si @ st.t()
-    vl = kd_kl(t_it, s_it, t_vl) + kd_kl(t_it.t(), s_it.t(), t_vl)
-    # L_pvl: the teacher's image embeddings stand in for captions.
-    t_ii = scale * ti @ ti.t()
-    pvl = 2.0 * kd_kl(t_ii, scale * si @ ti.t(), t_pvl)
-    # L_ud: uni-modal structure; for sentences it vanishes when the student reuses the teacher's text.
-    ud = 2.0 * kd_kl(t_ii, scale * si @ si.t(), t_ud)
-    if st is not tt:
-        ud = ud + 2.0 * kd_kl(scale * tt @ tt.t(), scale * st @ st.t(), t_ud)
-    total = w_vl * vl + w_pvl * pvl + w_ud * ud
-    return {"vl": vl, "pvl": pvl, "ud": ud, "total": total}
+    feats = DimeFeatures.of(t_img, t_txt, s_img, s_txt)
+    return dime_losses_block(feats, feats, w_vl=w_vl, w_pvl=w_pvl, w_ud=w_ud, t_vl=t_vl, t_pvl=t_pvl,
+                             t_ud=t_ud, scale=scale)
+
+
+def clip_loss_block(img_rows: torch.Tensor, txt_rows: torch.Tensor, img_cols: torch.Tensor,
+                    txt_cols: torch.Tensor, logit_scale: torch.Tensor, row_offset: int = 0) -> torch.Tensor:
+    """Symmetric InfoNCE of a block of paired rows against all columns (L2-normalised inputs): row i
+    of the block matches column `row_offset + i`. Averaged over the block's rows."""
+    s = logit_scale.exp().clamp(max=100.0)
+    labels = row_offset + torch.arange(img_rows.shape[0], device=img_rows.device)
+    return 0.5 * (F.cross_entropy(s * img_rows @ txt_cols.t(), labels)
+                  + F.cross_entropy(s * txt_rows @ img_cols.t(), labels))
 
 
 def clip_loss(img: torch.Tensor, txt: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
     """Symmetric InfoNCE over paired rows (row i of img matches row i of txt)."""
-    logits = logit_scale.exp().clamp(max=100.0) * normalize(img) @ normalize(txt).t()
-    labels = torch.arange(logits.shape[0], device=logits.device)
-    return 0.5 * (F.cross_entropy(logits, labels) + F.cross_entropy(logits.t(), labels))
+    img, txt = normalize(img), normalize(txt)
+    return clip_loss_block(img, txt, img, txt, logit_scale)

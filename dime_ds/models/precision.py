@@ -20,3 +20,17 @@ def compute_dtype(precision: str, device: torch.device) -> torch.dtype:
     if precision == "auto":
         return torch.float16 if device.type == "cuda" else torch.bfloat16
     return {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[precision]
+
+
+def lift_scalar_parameters(module: torch.nn.Module) -> int:
+    """Give 0-dim parameters (open_clip's logit_scale/logit_bias) shape [1]: DeepSpeed broadcasts
+    parameters as byte views, which 0-dim tensors cannot take. Broadcasting semantics in the model's
+    own arithmetic are unchanged. Returns how many were lifted."""
+    lifted = 0
+    for owner in module.modules():
+        for name, param in list(owner.named_parameters(recurse=False)):
+            if param.dim() == 0:
+                setattr(owner, name, torch.nn.Parameter(param.detach().reshape(1),
+                                                        requires_grad=param.requires_grad))
+                lifted += 1
+    return lifted

@@ -12,6 +12,7 @@ import pytest
 TINY = ["data.synthetic.n_images=64", "data.synthetic.n_texts=96", "data.synthetic.n_paired=64",
         "data.synthetic.n_eval=16", "data.synthetic.shard_size=32", "data.synthetic.image_size=32",
         "optim.steps=3", "optim.warmup_steps=1", "optim.global_batch_size=16", "data.workers=0",
+        "pretrain.optim.steps=3", "pretrain.optim.warmup_steps=1", "pretrain.optim.global_batch_size=16",
         "data.shuffle_buffer=8", "log.progress=false"]
 
 
@@ -25,13 +26,18 @@ def test_demo_end_to_end_then_reuses_teacher(tmp_path):
     first = _demo(tmp_path)
     assert first.returncode == 0, first.stderr[-3000:]
     assert "teacher trained in" in first.stdout
-    for name in ("shape", "colour"):
-        assert f"teacher  {name}" in first.stdout
+    for row in ("teacher (CLIP loss, paired)", "student, DIME-FM (unpaired)", "student, from scratch (paired)"):
+        assert row in first.stdout
     results = json.loads((tmp_path / "runs" / "demo" / "demo_results.json").read_text())
-    for name in ("shape", "colour"):
-        metrics = results["results"]["teacher"][name]
-        assert metrics["n"] == 16 and 0.0 <= metrics["top1"] <= metrics["top5"] <= 1.0
-    assert (tmp_path / "runs" / "demo" / "config.yaml").is_file()
+    evals = [results["teacher"], results["distilled"]["eval"]["student"], results["baseline"]["eval"]["student"]]
+    for per_set in evals:
+        for name in ("shape", "colour"):
+            metrics = per_set[name]
+            assert metrics["n"] == 16 and 0.0 <= metrics["top1"] <= metrics["top5"] <= 1.0
+    for run in ("demo", "demo_baseline"):
+        assert (tmp_path / "runs" / run / "config.yaml").is_file()
+        assert (tmp_path / "runs" / run / "final" / "student.safetensors").is_file()
+        assert list((tmp_path / "runs" / run / "tensorboard").glob("events.out.tfevents.*"))
 
     # The teacher directory is a plain OpenCLIP model: loadable with no dime_ds code at all.
     probe = ("import open_clip, sys; m = open_clip.create_model(sys.argv[1]); "

@@ -70,3 +70,57 @@ def test_clip_loss_matches_cross_entropy_transcription():
     for m in (logits, logits.T):
         want += sum(-(m[i, i] - torch.logsumexp(m[i], 0)).item() for i in range(5)) / 5
     assert clip_loss(img, txt, scale).item() == pytest.approx(want / 2, rel=1e-5)
+
+
+@pytest.mark.parametrize("own_text", [True, False])
+def test_row_blocks_average_to_the_whole_batch(own_text):
+    """What each rank computes (its rows against all columns) averages to the whole-batch loss."""
+    from dime_ds.losses.functional import DimeFeatures, dime_losses_block
+
+    g = torch.Generator().manual_seed(5)
+    t_img, t_txt = torch.randn(6, 8, generator=g), torch.randn(9, 8, generator=g)
+    s_img = t_img + torch.randn(6, 8, generator=g)
+    s_txt = t_txt + torch.randn(9, 8, generator=g) if own_text else t_txt
+    cfg = dict(w_vl=0.5, w_pvl=0.2, w_ud=0.3)
+    want = dime_losses(t_img, t_txt, s_img, s_txt, **cfg)
+    cols = DimeFeatures.of(t_img, t_txt, s_img, s_txt)
+    assert cols.own_text == own_text
+
+    def block(k):  # 3 blocks of 2 images and 3 sentences
+        img, txt = slice(2 * k, 2 * k + 2), slice(3 * k, 3 * k + 3)
+        tt = cols.t_txt[txt]
+        return DimeFeatures(cols.t_img[img], tt, cols.s_img[img], cols.s_txt[txt] if own_text else tt)
+
+    blocks = [dime_losses_block(block(k), cols, **cfg) for k in range(3)]
+    for key in ("vl", "pvl", "ud", "total"):
+        assert sum(b[key] for b in blocks).item() / 3 == pytest.approx(want[key].item(), rel=1e-5), key
+
+
+def test_teacher_text_tower_has_no_sentence_ud_term():
+    t_img, t_txt, s_img = torch.randn(5, 8), torch.randn(7, 8), torch.randn(5, 8)
+    frozen = dime_losses(t_img, t_txt, s_img, t_txt, w_ud=1.0)
+    copy = dime_losses(t_img, t_txt, s_img, t_txt.clone(), w_ud=1.0)  # same values, "own" tower
+    assert frozen["ud"].item() == pytest.approx(copy["ud"].item(), abs=1e-5)
+    image_only = 2 * _kl_rows(100 * _unit(t_img.double()) @ _unit(t_img.double()).T,
+                              100 * _unit(s_img.double()) @ _unit(s_img.double()).T, 7.0)
+    assert frozen["ud"].item() == pytest.approx(image_only, rel=1e-4)
+
+
+def test_distributed_losses_in_one_process_are_the_functional_ones():
+    from types import SimpleNamespace
+
+    from omegaconf import OmegaConf
+
+    from dime_ds.config.schema import LossConfig
+    from dime_ds.losses import dime
+
+    t_img, t_txt, s_img, s_txt = torch.randn(4, 8), torch.randn(6, 8), torch.randn(4, 8), torch.randn(6, 8)
+    cfg = dict(w_vl=0.4, w_pvl=0.1, w_ud=0.5, t_vl=2.0, t_pvl=4.0, t_ud=5.0, scale=50.0)
+    want = dime_losses(t_img, t_txt, s_img, s_txt, **cfg)
+    for loss_cfg in (SimpleNamespace(**cfg), cfg, OmegaConf.merge(OmegaConf.structured(LossConfig), cfg)):
+        got = dime.dime_loss(t_img, t_txt, s_img, s_txt, loss_cfg)
+        assert dime.reduce_for_logging(got) == pytest.approx({k: v.item() for k, v in want.items()})
+    defaults = dime.dime_loss(t_img, t_txt, s_img, t_txt, OmegaConf.structured(LossConfig))
+    torch.testing.assert_close(defaults["total"], dime_losses(t_img, t_txt, s_img, t_txt)["total"])
+    scale = torch.tensor(2.0)
+    torch.testing.assert_close(dime.clip_loss(s_img, t_img, scale), clip_loss(s_img, t_img, scale))

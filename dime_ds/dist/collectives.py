@@ -1,0 +1,113 @@
+"""Collectives on the default process group. In a single process without a process group every
+function is the identity (or a no-op), so callers never branch on "am I distributed"."""
+from __future__ import annotations
+
+from typing import Any, TypeVar
+
+import torch
+import torch.distributed as dist
+
+T = TypeVar("T")
+
+
+def is_distributed() -> bool:
+    """A default process group exists (it may hold a single rank)."""
+    return dist.is_available() and dist.is_initialized()
+
+
+def rank() -> int:
+    return dist.get_rank() if is_distributed() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if is_distributed() else 1
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def barrier() -> None:
+    if is_distributed() and world_size() > 1:
+        dist.barrier()
+
+
+def _comm_device(t: torch.Tensor) -> torch.device:
+    """NCCL only moves CUDA tensors; gloo takes either."""
+    if t.device.type == "cpu" and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return t.device
+
+
+def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
+    """Mean over ranks, out of place, no gradient, on `t`'s device (a CPU tensor is fine on NCCL)."""
+    if not is_distributed() or world_size() == 1:
+        return t.detach().clone()
+    out = t.detach().to(_comm_device(t), copy=True)
+    dist.all_reduce(out, op=dist.ReduceOp.SUM)
+    return (out / world_size()).to(t.device)
+
+
+# torch 2.14 names the tensor-in-tensor-out collectives *_single and deprecates the older names.
+_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
+
+def _gather_cat(t: torch.Tensor) -> torch.Tensor:
+    t = t.contiguous()
+    out = t.new_empty((world_size() * t.shape[0], *t.shape[1:]))
+    _all_gather_single(out, t)
+    return out
+
+
+def gather_no_grad(t: torch.Tensor) -> torch.Tensor:
+    """Concatenation over ranks along dim 0 (rank order), detached. Every rank must pass the same
+    shape."""
+    if not is_distributed() or world_size() == 1:
+        return t.detach()
+    with torch.no_grad():
+        return _gather_cat(t.detach())
+
+
+class _GatherWithGrad(torch.autograd.Function):
+    """all_gather whose backward sums, over ranks, the gradients every rank computed for each block
+    and hands the sum to the block's owner (reduce-scatter): the same contract as
+    torch.distributed.nn.all_gather, which torch 2.14 deprecates with a warning on every call and
+    whose gloo backward is a rank-by-rank scatter loop."""
+
+    @staticmethod
+    def forward(ctx, t: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return _gather_cat(t)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        grad = grad.contiguous()
+        out = grad.new_empty((grad.shape[0] // world_size(), *grad.shape[1:]))
+        _reduce_scatter_single(out, grad, op=dist.ReduceOp.SUM)
+        return out
+
+
+def gather_with_grad(t: torch.Tensor) -> torch.Tensor:
+    """Concatenation over ranks along dim 0 (rank order); the gradient of the result flows back to
+    each block's owner, summed over the ranks that used it. Every rank must pass the same shape."""
+    if not is_distributed() or world_size() == 1:
+        return t
+    return _GatherWithGrad.apply(t)
+
+
+def broadcast_object(obj: T, src: int = 0) -> T:
+    """Rank `src`'s `obj` on every rank (picklable objects)."""
+    if not is_distributed() or world_size() == 1:
+        return obj
+    box: list[Any] = [obj if rank() == src else None]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def all_gather_object(obj: T) -> list[T]:
+    """Every rank's `obj`, in rank order (picklable objects)."""
+    if not is_distributed() or world_size() == 1:
+        return [obj]
+    out: list[Any] = [None] * world_size()
+    dist.all_gather_object(out, obj)
+    return out

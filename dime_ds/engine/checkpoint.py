@@ -1,0 +1,92 @@
+"""DeepSpeed checkpoints with client state: step, every rank's data-stream positions and RNG
+states, the resolved config. Tags are `step_00000042`; DeepSpeed's `latest` file names the newest
+complete one, so a run killed mid-save resumes from the one before."""
+from __future__ import annotations
+
+import logging
+import random
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+log = logging.getLogger(__name__)
+TAG = re.compile(r"^step_(\d{8})$")
+
+
+def tag_for(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def rng_state() -> dict:
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+
+
+def _gather(obj: Any) -> list:
+    if not dist.is_initialized():
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def save(engine, ckpt_dir: str | Path, step: int, rank_state: dict, config_yaml: str, keep_last: int) -> str:
+    """Collective: every rank calls it. Rank r's `rank_state` is stored at index r."""
+    ranks = _gather({**rank_state, "rng": rng_state()})
+    tag = tag_for(step)
+    engine.save_checkpoint(str(ckpt_dir), tag=tag,
+                           client_state={"step": step, "ranks": ranks, "config": config_yaml})
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        _prune(Path(ckpt_dir), keep_last)
+    if dist.is_initialized():
+        dist.barrier()
+    log.info("checkpoint %s saved in %s", tag, ckpt_dir)
+    return tag
+
+
+def _prune(ckpt_dir: Path, keep_last: int) -> None:
+    tags = sorted(p for p in ckpt_dir.iterdir() if p.is_dir() and TAG.match(p.name))
+    for old in tags[:-keep_last]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def resolve_tag(ckpt_dir: str | Path, resume: str) -> str | None:
+    """`latest` -> the tag in DeepSpeed's latest file (None when there is no checkpoint yet)."""
+    ckpt_dir = Path(ckpt_dir)
+    if resume != "latest":
+        if not (ckpt_dir / resume).is_dir():
+            raise FileNotFoundError(f"ckpt.resume={resume}: no checkpoint {ckpt_dir / resume}")
+        return resume
+    latest = ckpt_dir / "latest"
+    return latest.read_text().strip() if latest.is_file() else None
+
+
+def load(engine, ckpt_dir: str | Path, resume: str | None, rank: int) -> tuple[int, dict | None]:
+    """(step to start from, this rank's saved state) — (0, None) when there is nothing to resume."""
+    if not resume:
+        return 0, None
+    tag = resolve_tag(ckpt_dir, resume)
+    if tag is None:
+        log.info("ckpt.resume=%s: no checkpoint in %s yet, starting from step 0", resume, ckpt_dir)
+        return 0, None
+    path, client = engine.load_checkpoint(str(ckpt_dir), tag=tag)
+    if path is None:
+        raise RuntimeError(f"DeepSpeed could not load checkpoint {tag} from {ckpt_dir}")
+    ranks = client["ranks"]
+    if len(ranks) != (dist.get_world_size() if dist.is_initialized() else 1):
+        raise RuntimeError(f"checkpoint {tag} was written by {len(ranks)} ranks; resuming needs the same "
+                           f"world size for exact data positions")
+    state = ranks[rank]
+    set_rng_state(state["rng"])
+    log.info("resumed from %s (step %d)", path, client["step"])
+    return int(client["step"]), state

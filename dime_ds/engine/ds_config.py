@@ -1,0 +1,83 @@
+"""DeepSpeed JSON holds engine knobs only (ZeRO stage, offload, bucket sizes, precision switch).
+Batch size, accumulation and clipping belong to the Hydra `optim` section and are written into the
+JSON's "auto" fields here; a JSON that sets one of them to something else is a conflict, and an
+optimizer or scheduler section is refused (Hydra owns both)."""
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dime_ds.config import ConfigError, config_dir
+
+OWNED_BY_HYDRA = ("optimizer", "scheduler")
+
+
+def ds_config_path(name_or_path: str) -> Path:
+    path = Path(name_or_path)
+    if path.suffix != ".json":
+        path = config_dir().parent / "ds_configs" / f"{name_or_path}.json"
+    if not path.is_file():
+        available = sorted(p.stem for p in (config_dir().parent / "ds_configs").glob("*.json"))
+        raise ConfigError(f"dist.ds_config={name_or_path!r}: {path} not found (shipped: {', '.join(available)})")
+    return path
+
+
+def student_precision(device: torch.device) -> str:
+    """bf16 where the hardware has it (CPUs, Ampere and later GPUs), else fp16."""
+    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        return "fp16"
+    return "bf16"
+
+
+def _fill(cfg: dict, key: str, value: Any, owner: str, source: Path) -> None:
+    current = cfg.get(key, "auto")
+    if current == "auto":
+        cfg[key] = value
+    elif current != value:
+        raise ConfigError(f"{source.name} sets {key}={current!r} but {owner} gives {value!r}: "
+                          f"set it to \"auto\" in the JSON and change {owner.split('=')[0]} instead")
+
+
+def build_ds_config(name_or_path: str, optim_cfg: Any, world_size: int, precision: str) -> dict:
+    """The DeepSpeed config dict for this run (engine knobs from JSON, the rest from Hydra)."""
+    source = ds_config_path(name_or_path)
+    cfg = json.loads(source.read_text())
+    for key in OWNED_BY_HYDRA:
+        if key in cfg:
+            raise ConfigError(f"{source.name} has an {key!r} section; the optimizer and schedule are owned "
+                              f"by the Hydra optim section (optim.*): remove it from the JSON")
+    per_step = optim_cfg.global_batch_size
+    if per_step % (world_size * optim_cfg.grad_accum):
+        raise ConfigError(f"optim.global_batch_size={per_step} is not divisible by world size {world_size} "
+                          f"x optim.grad_accum={optim_cfg.grad_accum}")
+    micro = per_step // (world_size * optim_cfg.grad_accum)
+    cfg = copy.deepcopy(cfg)
+    _fill(cfg, "train_batch_size", per_step, f"optim.global_batch_size={per_step}", source)
+    _fill(cfg, "train_micro_batch_size_per_gpu", micro,
+          f"optim.global_batch_size / (world x grad_accum)={micro}", source)
+    _fill(cfg, "gradient_accumulation_steps", optim_cfg.grad_accum, f"optim.grad_accum={optim_cfg.grad_accum}", source)
+    _fill(cfg, "gradient_clipping", float(optim_cfg.grad_clip), f"optim.grad_clip={optim_cfg.grad_clip}", source)
+    for name in ("bf16", "fp16"):
+        section = cfg.setdefault(name, {})
+        want = precision == name
+        if section.get("enabled", "auto") == "auto":
+            section["enabled"] = want
+    if cfg["bf16"]["enabled"] and cfg["fp16"]["enabled"]:
+        raise ConfigError(f"{source.name} enables both bf16 and fp16")
+    return cfg
+
+
+def inference_ds_config(precision: str, micro_batch: int) -> dict:
+    """ZeRO-3 with no optimizer: parameters partitioned across ranks, gathered per module forward.
+    For teachers too big to replicate."""
+    return {
+        "train_micro_batch_size_per_gpu": micro_batch,
+        "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
+        "bf16": {"enabled": precision == "bf16"},
+        "fp16": {"enabled": precision == "fp16"},
+        "steps_per_print": 100000000,
+    }
