@@ -1,11 +1,11 @@
-"""What every command-line entry point shares: logging set-up, and a configuration error printed
-as a message (exit 2) rather than a traceback."""
+"""What every command-line entry point shares: logging set-up, and a user error (bad config,
+missing data or weights) printed as a message (exit 2) rather than a traceback."""
 from __future__ import annotations
 
 import sys
 from typing import Callable, Sequence
 
-from dime_ds.config import ConfigError
+from dime_ds.errors import UserError
 from dime_ds.log.setup import setup_logging
 
 
@@ -13,6 +13,6 @@ def run_entry(main: Callable[[Sequence[str]], int], argv: Sequence[str] | None =
     setup_logging()
     try:
         return main(list(sys.argv[1:] if argv is None else argv))
-    except ConfigError as err:
+    except UserError as err:
         print(err, file=sys.stderr)
         return 2

@@ -24,9 +24,10 @@ from typing import Sequence
 from open_clip.factory import parse_model_name
 
 from dime_ds.cli import run_entry
-from dime_ds.config import ConfigError, load_config, save_config
+from dime_ds.config import ConfigError, load_config
 from dime_ds.data.synthetic import write_world
-from dime_ds.engine.pretrain import is_current, pretrain_clip
+from dime_ds.engine.pretrain import is_current, pretrain_clip, recipe_hash
+from dime_ds.engine.run import run_training
 from dime_ds.log.table import format_table
 
 log = logging.getLogger("dime_ds.demo")
@@ -62,7 +63,10 @@ def ensure_teacher(overrides: Sequence[str], out_dir: Path) -> dict | None:
     if is_current(out_dir, cfg):
         log.info("demo teacher in %s is current; reusing it", out_dir)
         return None
-    save_config(cfg, cfg.run_dir)
+    # One run directory per recipe: resuming an interrupted pretraining never mixes recipes.
+    recipe = recipe_hash(cfg)
+    cfg = load_config(["experiment=demo_teacher", *teacher_overrides(overrides),
+                       f"run_dir={cfg.work_dir}/runs/demo_teacher-{recipe}"])
     return pretrain_clip(cfg, out_dir)
 
 
@@ -79,8 +83,6 @@ def main(overrides: Sequence[str]) -> int:
     distill_cfg = load_config(["experiment=demo", *student_overrides(overrides)])
     baseline_cfg = load_config(["experiment=demo_baseline", *student_overrides(overrides)])
     trained = ensure_teacher(overrides, teacher_dir(distill_cfg))
-
-    from dime_ds.engine.run import run_training  # DeepSpeed loads only once the configs are valid
 
     distilled = run_training(distill_cfg)
     baseline = run_training(baseline_cfg)

@@ -6,11 +6,12 @@ import sys
 from typing import Sequence
 
 from dime_ds.cli import run_entry
-from dime_ds.config import load_config
+from dime_ds.config import load_config, require
 
 
 def main(overrides: Sequence[str]) -> int:
     cfg = load_config(overrides)
+    require(cfg, *(("data.paired",) if cfg.loss.kind == "clip" else ("data.images", "data.texts")))
     from dime_ds.engine.run import run_training  # after validation: no heavy import for a bad config
 
     summary = run_training(cfg)

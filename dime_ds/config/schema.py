@@ -47,9 +47,9 @@ class SyntheticConfig:
 @dataclass
 class DataConfig:
     root: str = "${work_dir}/synthetic"  # where the synthetic world lives (demo/tests)
-    images: str = "${data.root}/images"  # unpaired image shards: directory, glob or brace pattern
-    texts: str = "${data.root}/texts"  # unpaired text shards
-    paired: Optional[str] = "${data.root}/paired"  # image-caption shards (teacher pretraining, baseline)
+    images: str = MISSING  # unpaired image shards: directory, glob or brace pattern
+    texts: str = MISSING  # unpaired sentence shards (the grounded corpus)
+    paired: Optional[str] = None  # image-caption shards (CLIP-loss training: demo teacher, baseline)
     workers: int = 2  # loader processes per rank
     shuffle_buffer: int = 1000
     augment: bool = True  # random resized crop + horizontal flip, as in the paper

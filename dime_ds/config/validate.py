@@ -5,8 +5,10 @@ import dataclasses
 
 from omegaconf import DictConfig, OmegaConf
 
+from dime_ds.errors import UserError
 
-class ConfigError(ValueError):
+
+class ConfigError(UserError, ValueError):
     """A configuration that cannot run; raised before any heavy work."""
 
 
@@ -56,7 +58,7 @@ def _unknown_keys(node: DictConfig, prefix: str = "") -> list[str]:
         if key not in fields:
             found.append(f"{prefix}{key} is not a known key of {prefix.rstrip('.') or 'the config'} "
                          f"(known: {', '.join(sorted(fields))})")
-        elif isinstance(node[key], DictConfig):
+        elif not OmegaConf.is_missing(node, key) and isinstance(node[key], DictConfig):
             found.extend(_unknown_keys(node[key], f"{prefix}{key}."))
     return found
 
@@ -102,3 +104,16 @@ def validate(cfg: DictConfig) -> None:
             errors.append(f"student.model_cfg lacks {', '.join(missing)} (an OpenCLIP model config)")
     if errors:
         raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(errors))
+
+
+def require(cfg: DictConfig, *keys: str) -> None:
+    """Keys a stage needs that may legitimately be unset (`???` or null) in other stages."""
+    missing = []
+    for key in keys:
+        parent, _, leaf = key.rpartition(".")
+        node = _get(cfg, parent) if parent else cfg
+        if OmegaConf.is_missing(node, leaf) or node[leaf] is None:
+            missing.append(key)
+    if missing:
+        raise ConfigError("this stage needs: " + ", ".join(f"{k}=<value>" for k in missing)
+                          + " (on the command line or in the experiment config)")

@@ -19,13 +19,15 @@ from typing import Any, Iterable, Mapping, Sequence
 import numpy as np
 import torch
 
+from dime_ds.errors import UserError
+
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 DTYPE = "float16"
 _FIELDS = ("format_version", "modality", "model", "dim", "dtype", "normalized", "count", "shards", "skipped")
 
 
-class EmbeddingCacheError(ValueError):
+class EmbeddingCacheError(UserError, ValueError):
     """A cache directory that is incomplete, or whose files do not match its manifest."""
 
 

@@ -12,7 +12,13 @@ from typing import Mapping
 
 from braceexpand import braceexpand
 
+from dime_ds.errors import UserError
+
 _REMOTE_PREFIXES = ("pipe:", "http://", "https://", "s3://", "gs://")
+
+
+class ShardSpecError(UserError, FileNotFoundError):
+    """A shard spec that matches nothing (or names missing files)."""
 
 
 class ShardWriter:
@@ -137,7 +143,7 @@ def list_shards(spec: str | os.PathLike) -> list[str]:
     if os.path.isdir(local):
         found = sorted(glob.glob(os.path.join(glob.escape(local), "*.tar")))
         if not found:
-            raise FileNotFoundError(f"no *.tar shards in directory {spec!r}")
+            raise ShardSpecError(f"no *.tar shards in directory {spec!r}")
         return found
     found, missing = [], []
     for pattern in braceexpand(local):
@@ -148,10 +154,10 @@ def list_shards(spec: str | os.PathLike) -> list[str]:
         else:
             missing.append(pattern)
     if not found:
-        raise FileNotFoundError(f"no shards match {spec!r}")
+        raise ShardSpecError(f"no shards match {spec!r}")
     if missing:
         shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
-        raise FileNotFoundError(f"shard spec {spec!r} names missing files: {shown}")
+        raise ShardSpecError(f"shard spec {spec!r} names missing files: {shown}")
     return found
 
 

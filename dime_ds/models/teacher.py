@@ -12,6 +12,7 @@ from open_clip.factory import parse_model_name
 import torch
 from torch import nn
 
+from dime_ds.errors import UserError
 from dime_ds.models.precision import OPEN_CLIP_PRECISION, compute_dtype
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pth", ".pt")
@@ -23,7 +24,7 @@ OFFLINE_HINT = (
 )
 
 
-class TeacherWeightsError(RuntimeError):
+class TeacherWeightsError(UserError, RuntimeError):
     """The teacher's weights cannot be had; the message names the local-file alternatives."""
 
 

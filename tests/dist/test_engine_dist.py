@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -71,25 +70,14 @@ def test_zero3_teacher_matches_replicated_teacher(tmp_path, tiny_world, tiny_tea
 
 
 def _write_cache(cfg, out_dir):
-    """Teacher embeddings of every unaugmented image and sentence: what the embed stage writes."""
-    from dime_ds.data.embeddings import write_embedding_shard, write_manifest
-    from dime_ds.data.pipelines import decode_sample, image_transform, iter_tar_samples
-    from dime_ds.data.shards import list_shards, sha256_file
+    """Teacher embeddings of every unaugmented image and sentence, by the embed stage's core."""
+    from dime_ds.data.shards import list_shards
+    from dime_ds.match.embed import embed_shards
     from dime_ds.models import load_teacher
 
     teacher = load_teacher(cfg.teacher, torch.device("cpu"))
-    transform = image_transform(teacher.preprocess_cfg, train=False)
     for modality, spec in (("images", cfg.data.images), ("texts", cfg.data.texts)):
-        records = []
-        for i, url in enumerate(list_shards(spec)):
-            samples = [decode_sample(raw) for raw in iter_tar_samples([url])]
-            if modality == "images":
-                emb = teacher.encode_image(torch.stack([transform(s["image"]) for s in samples]))
-            else:
-                emb = teacher.encode_text(teacher.tokenizer([s["text"] for s in samples]))
-            records.append(write_embedding_shard(out_dir / modality, f"shard-{i:06d}", [s["key"] for s in samples],
-                                                 emb.numpy().astype(np.float16), url, sha256_file(url)))
-        write_manifest(out_dir / modality, modality=modality, model=cfg.teacher.arch, shards=records)
+        embed_shards(teacher, list_shards(spec), out_dir / modality, modality, cfg.teacher.arch, progress=False)
 
 
 def test_cached_teacher_gives_the_live_loss(tmp_path, tiny_world, tiny_teacher_dir):

@@ -77,3 +77,21 @@ def test_saved_config_is_resolved_and_reloads_identically(tmp_path):
     text = path.read_text()
     assert "${" not in text
     assert OmegaConf.to_container(OmegaConf.load(path)) == OmegaConf.to_container(cfg, resolve=True)
+
+
+def test_stage_requirements_are_reported_before_any_work(capsys):
+    from dime_ds.cli import run_entry
+    from dime_ds.distill import main as distill_main
+
+    # The paper's experiment leaves the data to the user: a message, exit 2, no traceback.
+    assert run_entry(distill_main, ["experiment=vitb32_from_vitl14"]) == 2
+    err = capsys.readouterr().err
+    assert "data.images=<value>" in err and "data.texts=<value>" in err and "Traceback" not in err
+
+
+def test_missing_shards_are_a_user_error():
+    from dime_ds.data.shards import list_shards
+    from dime_ds.errors import UserError
+
+    with pytest.raises(UserError, match="no shards match"):
+        list_shards("/nowhere/shard-*.tar")
