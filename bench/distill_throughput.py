@@ -50,7 +50,7 @@ def prepare(work: Path) -> dict:
     torch.manual_seed(0)
     save_openclip_dir(open_clip.CLIP(**model_cfg).state_dict(), model_cfg, student_preprocess_cfg(model_cfg),
                       work / "demo_teacher")
-    cfg = load_config(["experiment=demo", f"work_dir={work}"])
+    cfg = load_config(["experiment=demo", f"work_dir={work}", f"data.texts={work}/synthetic/texts"])
     teacher = load_teacher(cfg.teacher, torch.device("cpu"))
     for modality, spec in (("images", cfg.data.images), ("texts", cfg.data.texts)):
         embed_shards(teacher, list_shards(spec), work / "cache" / modality, modality, cfg.teacher.arch, progress=False)
@@ -71,6 +71,7 @@ def worker(overrides: list[str], out: str) -> None:
 def run_case(work: Path, ranks: int, ds_config: str, teacher: str, steps: int, batch: int) -> dict:
     name = f"{ranks}r_{ds_config}_{teacher}"
     overrides = ["experiment=demo", f"work_dir={work}", f"name=bench_{name}", f"optim.steps={steps}",
+                 f"data.texts={work}/synthetic/texts",
                  "optim.warmup_steps=1", f"optim.global_batch_size={batch}", f"dist.ds_config={ds_config}",
                  "eval.every_n_steps=0", "ckpt.every_n_steps=0", "log.progress=false", f"log.every_n_steps={steps}",
                  "data.workers=1", "data.augment=false"]

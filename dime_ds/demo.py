@@ -3,10 +3,12 @@
 1. writes the synthetic world (unpaired images, a mostly non-visual corpus, pairs, labelled sets);
 2. trains the demo teacher with the CLIP loss on the pairs (or reuses it while its recipe holds)
    and saves it as an OpenCLIP model directory, loaded afterwards like any hub model;
-3. distills it into a smaller student with DIME-FM on unpaired images and sentences;
-4. trains the same student architecture from scratch with the CLIP loss on as many *paired*
+3. embeds images and corpus with the teacher and keeps a grounded corpus (Algorithm 1);
+4. distills the teacher into a smaller student with DIME-FM on unpaired images and the grounded
+   sentences;
+5. trains the same student architecture from scratch with the CLIP loss on as many *paired*
    samples, the yardstick;
-5. prints one table: zero-shot accuracy per labelled set, image-tower parameters, samples/s.
+6. prints one table: zero-shot accuracy per labelled set, image-tower parameters, samples/s.
 
 Extra arguments are Hydra overrides (e.g. `work_dir=/tmp/demo optim.steps=300`). Those of the
 training recipe (optim, loss, student, eval, ckpt) apply to the two students only: the cached
@@ -29,6 +31,8 @@ from dime_ds.data.synthetic import write_world
 from dime_ds.engine.pretrain import is_current, pretrain_clip, recipe_hash
 from dime_ds.engine.run import run_training
 from dime_ds.log.table import format_table
+from dime_ds.match.corpus import run_match_stage
+from dime_ds.match.embed import run_embed_stage
 
 log = logging.getLogger("dime_ds.demo")
 
@@ -83,6 +87,8 @@ def main(overrides: Sequence[str]) -> int:
     distill_cfg = load_config(["experiment=demo", *student_overrides(overrides)])
     baseline_cfg = load_config(["experiment=demo_baseline", *student_overrides(overrides)])
     trained = ensure_teacher(overrides, teacher_dir(distill_cfg))
+    run_embed_stage(distill_cfg)  # shards embedded earlier from unchanged sources are skipped
+    grounding = run_match_stage(distill_cfg)
 
     distilled = run_training(distill_cfg)
     baseline = run_training(baseline_cfg)
@@ -98,11 +104,15 @@ def main(overrides: Sequence[str]) -> int:
     header = ["model", *[f"{d} top-1 %" for d in datasets], "image params", "train samples/s"]
     wall = time.time() - start
     print("\n" + format_table(header, rows))
-    print(f"\n{distill_cfg.optim.steps} steps x {distill_cfg.optim.global_batch_size} samples each for both "
+    kept = grounding["kinds"]["kept"]
+    print(f"\ngrounded corpus: {grounding['sentences_kept']} of {grounding['sentences']} sentences kept, "
+          f"{100 * kept.get('describing', 0) / max(1, grounding['sentences_kept']):.1f} % of them describe an image")
+    print(f"{distill_cfg.optim.steps} steps x {distill_cfg.optim.global_batch_size} samples each for both "
           f"students; demo wall time {wall:.0f} s"
           + (f" (teacher trained in {trained['wall_s']:.0f} s)" if trained else " (teacher reused)"))
     out = Path(distill_cfg.run_dir) / "demo_results.json"
     out.write_text(json.dumps({"teacher": teacher_eval, "distilled": distilled, "baseline": baseline,
+                               "grounding": {k: grounding[k] for k in ("sentences", "sentences_kept", "rounds", "kinds")},
                                "teacher_training": trained, "wall_s": wall}, indent=2, default=str))
     print(f"results: {out}\nTensorBoard: tensorboard --logdir {Path(distill_cfg.work_dir) / 'runs'}")
     return 0

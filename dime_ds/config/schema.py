@@ -48,7 +48,8 @@ class SyntheticConfig:
 class DataConfig:
     root: str = "${work_dir}/synthetic"  # where the synthetic world lives (demo/tests)
     images: str = MISSING  # unpaired image shards: directory, glob or brace pattern
-    texts: str = MISSING  # unpaired sentence shards (the grounded corpus)
+    texts: str = MISSING  # unpaired sentence shards distillation reads (the grounded corpus)
+    corpus: Optional[str] = None  # the raw sentence corpus the embed/match stages ground; null: data.texts
     paired: Optional[str] = None  # image-caption shards (CLIP-loss training: demo teacher, baseline)
     workers: int = 2  # loader processes per rank
     shuffle_buffer: int = 1000
@@ -119,6 +120,8 @@ class MatchConfig:
     embed_dir: str = "${work_dir}/embeddings"
     out_dir: str = "${work_dir}/grounded"
     batch_size: int = 256
+    stage: str = "match"  # python -m dime_ds.match stage=embed | match | all (embed, then match)
+    shard_size: int = 10000  # grounded-corpus samples per output tar shard
 
 
 @dataclass

@@ -23,6 +23,7 @@ CHOICES = {
     "optim.schedule": ("cosine", "constant"),
     "dist.backend": ("auto", "nccl", "gloo"),
     "match.index": ("flat", "ivf"),
+    "match.stage": ("embed", "match", "all"),
 }
 
 POSITIVE = (

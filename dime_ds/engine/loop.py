@@ -37,12 +37,13 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class StopRequested:
-    """SIGTERM / SIGUSR1 (SLURM's warning before a time limit or preemption) set a flag; the loop
-    checkpoints at the next step boundary, once every rank has seen it."""
+    """SIGTERM, SIGUSR1 (sbatch --signal) or SIGUSR2 (submitit's warning before a time limit or
+    preemption) set a flag; the loop checkpoints at the next step boundary, once every rank has seen
+    it, and the run ends as "stopped" (exit 3) for its launcher to requeue."""
 
     def __init__(self):
         self.flag = False
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
+        for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2):
             signal.signal(sig, self._set)
 
     def _set(self, signum, frame):

@@ -1,70 +1,191 @@
 """Embed stage core: the teacher encodes every sample of a set of shards, one fp16 embedding shard
 per input shard (the format of dime_ds.data.embeddings, also the distill engine's teacher cache).
 Unaugmented images at the teacher's preprocessing; a bad sample is skipped and listed in the
-manifest. A shard whose output exists with a matching source checksum is not recomputed."""
+manifest.
+
+Multi-rank and resumable. Input shards are listed in sorted order; shard i is embedded by rank
+i % world_size into `shard-{i:06d}` (the same name whatever the world size). Beside its `.npy` and
+`.keys.txt`, each finished shard gets a sidecar `shard-{i:06d}.record.json` ({"modality", "model",
+"shard": the write_embedding_shard record, "skipped": its bad samples}), written atomically after
+the shard's files: a shard whose sidecar names the same model and the same source checksum is not
+recomputed, with or without a manifest (a killed run's finished shards survive). When every rank is
+done, rank 0 gathers the sidecars in shard order and writes manifest.json last."""
 from __future__ import annotations
 
+import json
 import logging
+import os
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from dime_ds.data.embeddings import read_manifest, write_embedding_shard, write_manifest
+from dime_ds.data.embeddings import MANIFEST, read_manifest, write_embedding_shard, write_manifest
 from dime_ds.data.pipelines import SampleError, decode_sample, image_transform, iter_tar_samples
 from dime_ds.data.shards import sha256_file
 from dime_ds.models import Teacher
 
 log = logging.getLogger(__name__)
 
+RECORD_SUFFIX = ".record.json"
+MODALITIES = ("images", "texts")
 
-def _existing(out_dir: Path) -> tuple[dict, list]:
-    """Shard records and skip records of an earlier (possibly interrupted) run's manifest."""
+
+def shard_name(index: int) -> str:
+    """The embedding shard name of the `index`-th input shard (sorted order)."""
+    return f"shard-{index:06d}"
+
+
+def _record_path(out_dir: Path, name: str) -> Path:
+    return out_dir / f"{name}{RECORD_SUFFIX}"
+
+
+def _write_json_atomic(path: Path, obj: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(json.dumps(obj, indent=1) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _files_ok(out_dir: Path, name: str, count: int) -> bool:
+    """The shard's arrays and keys exist and the array has `count` rows (the manifest checks the rest)."""
+    if not (out_dir / f"{name}.keys.txt").is_file():
+        return False
+    try:
+        return np.load(out_dir / f"{name}.npy", mmap_mode="r", allow_pickle=False).shape[0] == count
+    except (OSError, ValueError):
+        return False
+
+
+def _legacy_records(out_dir: Path) -> dict:
+    """source -> (shard record, skipped) from a manifest written before sidecars existed."""
     try:
         manifest = read_manifest(out_dir)
     except (FileNotFoundError, ValueError):
-        return {}, []
-    return {r["source"]: r for r in manifest["shards"]}, list(manifest.get("skipped", []))
+        return {}
+    skipped = manifest.get("skipped", [])
+    return {r["source"]: {"modality": manifest["modality"], "model": manifest["model"], "shard": r,
+                          "skipped": [s for s in skipped if s["source"] == r["source"]]}
+            for r in manifest["shards"]}
+
+
+def finished_record(out_dir: str | Path, name: str, url: str, checksum: str, modality: str,
+                    model_name: str, legacy: dict | None = None) -> dict | None:
+    """The sidecar record of shard `name` if it is finished from this very source and model, else None."""
+    out_dir = Path(out_dir)
+    try:
+        record = json.loads(_record_path(out_dir, name).read_text(encoding="utf-8"))
+    except (FileNotFoundError, ValueError):
+        record = (legacy or {}).get(str(url))
+        if record is None or record["shard"].get("name") != name:
+            return None
+    shard = record.get("shard") or {}
+    if (record.get("modality"), record.get("model"), shard.get("name"), shard.get("source_sha256")) \
+            != (modality, str(model_name), name, checksum) or not _files_ok(out_dir, name, int(shard.get("count", -1))):
+        return None
+    if shard.get("source") != str(url):  # the same bytes, moved: keep the embeddings, name the new place
+        shard = dict(shard, source=str(url))
+        record = dict(record, shard=shard, skipped=[dict(s, source=str(url)) for s in record.get("skipped", [])])
+        _write_json_atomic(_record_path(out_dir, name), record)
+    elif not _record_path(out_dir, name).is_file():
+        _write_json_atomic(_record_path(out_dir, name), record)
+    return record
+
+
+def embed_shard(teacher: Teacher, url: str, out_dir: str | Path, name: str, modality: str, model_name: str,
+                batch_size: int = 256, transform=None, legacy: dict | None = None) -> tuple[dict, bool]:
+    """Embed one input shard into `out_dir/name.*` unless it is already finished. Returns (its sidecar
+    record, whether it was computed now)."""
+    if modality not in MODALITIES:
+        raise ValueError(f"modality must be images or texts, not {modality!r}")
+    out_dir = Path(out_dir)
+    checksum = sha256_file(url)
+    done = finished_record(out_dir, name, url, checksum, modality, model_name, legacy)
+    if done is not None:
+        return done, False
+    out_dir.mkdir(parents=True, exist_ok=True)
+    # From here on the directory does not read as complete, and this shard not as finished.
+    (out_dir / MANIFEST).unlink(missing_ok=True)
+    _record_path(out_dir, name).unlink(missing_ok=True)
+    if transform is None and modality == "images":
+        transform = image_transform(teacher.preprocess_cfg, train=False)
+    keys, chunks, batch, skipped = [], [], [], []
+    for raw in iter_tar_samples([url]):
+        try:
+            sample = decode_sample(raw)
+            item = transform(sample["image"]) if modality == "images" else sample["text"]
+        except (SampleError, KeyError) as err:
+            skipped.append({"key": raw.get("__key__"), "source": str(url), "reason": str(err)})
+            continue
+        keys.append(sample["key"])
+        batch.append(item)
+        if len(batch) == batch_size:
+            chunks.append(_encode(teacher, modality, batch))
+            batch = []
+    if batch:
+        chunks.append(_encode(teacher, modality, batch))
+    if not keys:
+        raise RuntimeError(f"{url}: no {modality[:-1]} could be decoded")
+    shard = write_embedding_shard(out_dir, name, keys, np.concatenate(chunks), url, checksum)
+    record = {"modality": modality, "model": str(model_name), "shard": shard, "skipped": skipped}
+    _write_json_atomic(_record_path(out_dir, name), record)  # last: the shard is finished
+    return record, True
+
+
+def _embed_rank_shards(teacher: Teacher, urls: Sequence[str], out_dir: Path, modality: str, model_name: str,
+                       batch_size: int, rank: int, world: int, progress: bool) -> dict:
+    """Embed the input shards i with i % world == rank; returns counts for the log."""
+    mine = [i for i in range(len(urls)) if i % world == rank]
+    legacy = _legacy_records(out_dir)
+    transform = image_transform(teacher.preprocess_cfg, train=False) if modality == "images" else None
+    stats = {"shards": len(mine), "computed": 0, "samples": 0}
+    bar = tqdm(mine, desc=f"rank {rank} embed {modality}", position=rank, disable=not progress, leave=True,
+               unit="shard")
+    for i in bar:
+        record, computed = embed_shard(teacher, urls[i], out_dir, shard_name(i), modality, model_name, batch_size,
+                                       transform, legacy)
+        stats["computed"] += computed
+        stats["samples"] += record["shard"]["count"]
+        bar.set_postfix(samples=stats["samples"], refresh=False)
+    bar.close()
+    return stats
+
+
+def _write_stage_manifest(urls: Sequence[str], out_dir: Path, modality: str, model_name: str) -> dict:
+    """Gather the sidecars of every input shard, in shard order, into manifest.json (rank 0)."""
+    records, skipped = [], []
+    for i, url in enumerate(urls):
+        path = _record_path(out_dir, shard_name(i))
+        try:
+            record = json.loads(path.read_text(encoding="utf-8"))
+        except (FileNotFoundError, ValueError) as err:
+            raise RuntimeError(f"embedding cache {out_dir}: shard {shard_name(i)} of {url} has no valid "
+                               f"{path.name} after every rank finished ({err})") from None
+        if record["shard"]["source"] != str(url) or record["model"] != str(model_name):
+            raise RuntimeError(f"embedding cache {out_dir}: {path.name} describes {record['shard']['source']} "
+                               f"({record['model']}), expected {url} ({model_name})")
+        records.append(record["shard"])
+        skipped += record.get("skipped", [])
+    return write_manifest(out_dir, modality=modality, model=model_name, shards=records, skipped=skipped)
 
 
 def embed_shards(teacher: Teacher, urls: Sequence[str], out_dir: str | Path, modality: str,
                  model_name: str, batch_size: int = 256, progress: bool = True) -> dict:
-    """Embed `urls` (images or texts) into `out_dir`; returns the manifest written."""
-    if modality not in ("images", "texts"):
+    """Embed `urls` (images or texts) into `out_dir` in this one process (finished shards are skipped);
+    returns the manifest written."""
+    if modality not in MODALITIES:
         raise ValueError(f"modality must be images or texts, not {modality!r}")
     out_dir = Path(out_dir)
-    done, done_skips = _existing(out_dir)
-    transform = image_transform(teacher.preprocess_cfg, train=False)
-    records, skipped = [], []
-    for index, url in enumerate(tqdm(urls, desc=f"embed {modality}", disable=not progress)):
-        checksum = sha256_file(url)
-        name = f"shard-{index:06d}"
-        previous = done.get(str(url))
-        if previous and previous["source_sha256"] == checksum and (out_dir / f"{name}.npy").is_file():
-            records.append(previous)
-            skipped += [s for s in done_skips if s["source"] == str(url)]
-            continue
-        keys, chunks, batch = [], [], []
-        for raw in iter_tar_samples([url]):
-            try:
-                sample = decode_sample(raw)
-                item = transform(sample["image"]) if modality == "images" else sample["text"]
-            except (SampleError, KeyError) as err:
-                skipped.append({"key": raw.get("__key__"), "source": str(url), "reason": str(err)})
-                continue
-            keys.append(sample["key"])
-            batch.append(item)
-            if len(batch) == batch_size:
-                chunks.append(_encode(teacher, modality, batch))
-                batch = []
-        if batch:
-            chunks.append(_encode(teacher, modality, batch))
-        if not keys:
-            raise RuntimeError(f"{url}: no {modality[:-1]} could be decoded")
-        records.append(write_embedding_shard(out_dir, name, keys, np.concatenate(chunks), url, checksum))
-    return write_manifest(out_dir, modality=modality, model=model_name, shards=records, skipped=skipped)
+    _embed_rank_shards(teacher, list(urls), out_dir, modality, model_name, batch_size, 0, 1, progress)
+    return _write_stage_manifest(list(urls), out_dir, modality, model_name)
 
 
 @torch.no_grad()
@@ -72,3 +193,74 @@ def _encode(teacher: Teacher, modality: str, batch: list) -> np.ndarray:
     if modality == "images":
         return teacher.encode_image(torch.stack(batch)).cpu().numpy()
     return teacher.encode_text(teacher.tokenizer(batch)).cpu().numpy()
+
+
+def teacher_name(teacher_cfg) -> str:
+    """The model name recorded in a cache manifest: the architecture, with its pretrained tag."""
+    return str(teacher_cfg.arch) + (f"@{teacher_cfg.pretrained}" if teacher_cfg.pretrained else "")
+
+
+def _check_all(error: str | None, what: str) -> None:
+    """Every rank's `error` (None: fine); raises on every rank when any failed, instead of leaving the
+    others waiting in the next collective. Also a barrier."""
+    from dime_ds.dist import collectives as C
+
+    errors = [e for e in C.all_gather_object(error) if e]
+    if errors:
+        raise RuntimeError(f"{what} failed on {len(errors)} rank(s):\n" + "\n".join(errors))
+
+
+def run_embed_stage(cfg) -> dict:
+    """`python -m dime_ds.match stage=embed`: the configured teacher embeds data.images and data.corpus
+    (data.texts when null) into `<match.embed_dir>/images` and `/texts`, on every rank of the job (a process group is made
+    when the world has several ranks and none exists). Each rank embeds input shards i % world == rank;
+    finished shards from unchanged sources are skipped; rank 0 writes each manifest once all ranks are
+    done. Returns {modality: manifest} on every rank."""
+    import torch.distributed as dist
+
+    from dime_ds.data.shards import list_shards
+    from dime_ds.dist import collectives as C
+    from dime_ds.dist.env import backend_for, device_for, init_distributed, world_info
+    from dime_ds.models import load_teacher
+
+    info = world_info()
+    device = device_for(info, cfg.device)
+    if not C.is_distributed() and info.world_size > 1:
+        init_distributed(info, backend_for(device, cfg.dist.backend), cfg.dist.timeout_min)
+    rank, world = C.rank(), C.world_size()
+    if C.is_distributed() and (rank, world) != (info.rank, info.world_size):
+        log.warning("process group rank %d/%d differs from the environment's %d/%d; using the group",
+                    rank, world, info.rank, info.world_size)
+
+    teacher = load_teacher(cfg.teacher, device)
+    model = teacher_name(cfg.teacher)
+    manifests = {}
+    texts = cfg.data.get("corpus", None) or cfg.data.texts  # the raw corpus the match stage grounds
+    for modality, spec in (("images", cfg.data.images), ("texts", texts)):
+        urls = list_shards(spec)
+        out_dir = Path(cfg.match.embed_dir) / modality
+        if rank == 0:
+            log.info("embedding %d %s shard(s) of %s into %s on %d rank(s)", len(urls), modality, spec, out_dir, world)
+        error = None
+        try:
+            stats = _embed_rank_shards(teacher, urls, out_dir, modality, model, cfg.match.batch_size, rank, world,
+                                       bool(cfg.log.progress))
+            log.info("rank %d: %s: %d shard(s), %d computed, %d skipped as finished, %d embeddings", rank, modality,
+                     stats["shards"], stats["computed"], stats["shards"] - stats["computed"], stats["samples"])
+        except Exception as err:  # noqa: BLE001 - reported on every rank just below
+            error = f"rank {rank}: {type(err).__name__}: {err}"
+            log.exception("rank %d: embedding %s failed", rank, modality)
+        _check_all(error, f"embedding {modality}")  # every rank's shards are written
+        manifest, error = None, None
+        if rank == 0:
+            try:
+                manifest = _write_stage_manifest(urls, out_dir, modality, model)
+            except Exception as err:  # noqa: BLE001
+                error = f"rank 0: {type(err).__name__}: {err}"
+        manifest, error = C.broadcast_object((manifest, error))  # also the second barrier
+        if error:
+            raise RuntimeError(f"writing the {modality} manifest failed: {error}")
+        manifests[modality] = manifest
+        if rank == 0:
+            log.info("%s: %d embeddings, %d skipped", modality, manifest["count"], len(manifest["skipped"]))
+    return manifests

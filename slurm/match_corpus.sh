@@ -1,0 +1,42 @@
+#!/bin/bash
+# Grounded text corpus (DIME-FM Algorithm 1): teacher embeddings of images and sentences, then matching.
+#
+#   sbatch slurm/match_corpus.sh data.images=/data/img/{00000..03999}.tar data.texts=/data/corpus
+#
+# Edit here or override on the command line (command-line flags win over #SBATCH lines):
+#   sbatch --nodes=1 --ntasks-per-node=8 --gpus-per-node=8 --partition=gpu slurm/match_corpus.sh [overrides...]
+# CPU-only cluster: sbatch --gpus-per-node=0 ...
+# Environment (exported before sbatch; jobs inherit it):
+#   PYTHON      interpreter with dime_ds installed (default: python on PATH)
+#   EXPERIMENT  config in configs/experiment/ (default: vitb32_from_vitl14, whose teacher embeds)
+#   STAGES      stages to run, in order (default: "embed match"; "match" alone reuses embeddings)
+#   SRUN_ARGS   extra srun arguments for the embed stage (all tasks)
+# The embed stage runs one task per GPU; match (faiss) runs as a single task on the first node.
+#SBATCH --job-name=dime_match_corpus
+#SBATCH --nodes=1
+#SBATCH --ntasks-per-node=8
+#SBATCH --gpus-per-node=8
+#SBATCH --cpus-per-task=10
+#SBATCH --mem=0
+#SBATCH --time=1-00:00:00
+#SBATCH --signal=USR1@120
+#SBATCH --requeue
+#SBATCH --open-mode=append
+#SBATCH --output=slurm-%x-%j.out
+##SBATCH --partition=gpu
+##SBATCH --account=my_account
+
+set -e
+PYTHON=${PYTHON:-python}
+EXPERIMENT=${EXPERIMENT:-vitb32_from_vitl14}
+STAGES=${STAGES:-embed match}
+
+echo "job ${SLURM_JOB_ID} (restart ${SLURM_RESTART_COUNT:-0}) on ${SLURM_JOB_NODELIST}: $(date)"
+for stage in $STAGES; do
+    case "$stage" in
+        embed) # shellcheck disable=SC2086
+               srun ${SRUN_ARGS:-} "$PYTHON" -m dime_ds.match stage=embed experiment="$EXPERIMENT" "$@" ;;
+        match) srun --nodes=1 --ntasks=1 "$PYTHON" -m dime_ds.match stage=match experiment="$EXPERIMENT" "$@" ;;
+        *) echo "unknown stage $stage (embed|match)" >&2; exit 2 ;;
+    esac
+done

@@ -1,0 +1,117 @@
+"""Real SLURM (the local cluster of tests/slurm/cluster.py): the sbatch script, the submitit launcher,
+and a preempted job that checkpoints, is requeued and resumes without repeating or skipping a step."""
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import engine_overrides
+
+REPO = Path(__file__).resolve().parents[2]
+pytestmark = [pytest.mark.slurm, pytest.mark.slow, pytest.mark.timeout(300)]
+# 1 node, 2 CPU tasks, demo experiment: the overrides a CPU test cluster needs on the sbatch line.
+SBATCH_CPU = ["--nodes=1", "--ntasks-per-node=2", "--gpus-per-node=0", "--cpus-per-task=1", "--time=10",
+              "--job-name=dime_test"]
+
+
+def _overrides(work: Path, world: Path, teacher: Path, *extra: str) -> list[str]:
+    # experiment= is the script's $EXPERIMENT, not an override (Hydra refuses it twice)
+    return [o for o in engine_overrides(work, world, teacher, *extra) if not o.startswith("experiment=")]
+
+
+def _script_env(**extra) -> dict:
+    import os
+
+    return {**os.environ, "PYTHON": sys.executable, "EXPERIMENT": "demo", **extra}
+
+
+def _logged_steps(text: str) -> list[int]:
+    return [int(m) for m in re.findall(r"dime_ds\.engine\.loop: step (\d+)/\d+", text)]
+
+
+def _sacct_state(job_id: str) -> str:
+    out = subprocess.run(["sacct", "-X", "-n", "-P", "-o", "State", "-j", job_id], capture_output=True, text=True)
+    return out.stdout.strip().splitlines()[-1] if out.stdout.strip() else ""
+
+
+def test_sbatch_distill_script_two_ranks(slurm_cluster, tmp_path, tiny_world, tiny_teacher_dir):
+    out = tmp_path / "slurm-%j.out"
+    run = subprocess.run(["sbatch", "--wait", "--parsable", f"--output={out}", *SBATCH_CPU,
+                          str(REPO / "slurm" / "distill_vitb32.sh"),
+                          *_overrides(tmp_path, tiny_world, tiny_teacher_dir)],
+                         capture_output=True, text=True, env=_script_env(), timeout=280)
+    job_id = run.stdout.strip().split(";")[0]
+    log = Path(str(out).replace("%j", job_id)).read_text()
+    assert run.returncode == 0, f"{run.stderr}\n{log[-4000:]}"
+    assert "rank 0/2" in log and "rank 1/2" in log  # both ranks joined the process group
+    assert _logged_steps(log) == [1, 2, 3]
+    run_dir = tmp_path / "runs" / "demo"
+    assert (run_dir / "checkpoints" / "latest").is_file()
+    assert list((run_dir / "tensorboard").glob("events.*"))
+    assert (run_dir / "final" / "student.safetensors").is_file()
+
+
+def test_launch_distill_through_submitit(slurm_cluster, tmp_path, tiny_world, tiny_teacher_dir):
+    run = subprocess.run([sys.executable, "-m", "dime_ds.launch", "--nodes", "1", "--gpus-per-node", "0",
+                          "--tasks-per-node", "2", "--cpus-per-task", "1", "--time", "10",
+                          "--job-dir", str(tmp_path / "jobs"), "--wait", "stage=distill",
+                          *engine_overrides(tmp_path, tiny_world, tiny_teacher_dir)],
+                         capture_output=True, text=True, timeout=280)
+    job_dirs = list((tmp_path / "jobs" / "demo").iterdir())
+    logs = {p.name: p.read_text() for d in job_dirs for p in d.glob("*_log.*")}
+    assert run.returncode == 0, f"{run.stdout}\n{run.stderr}\n" + "\n".join(v[-2000:] for v in logs.values())
+    assert re.search(r"submitted job \d+", run.stdout) and "tensorboard --logdir" in run.stdout
+    err = {name[:-len("_log.err")].split("_")[-1]: text for name, text in logs.items() if name.endswith("_log.err")}
+    assert set(err) == {"0", "1"}, sorted(logs)  # one log per rank
+    assert "rank 0/2" in err["0"] and "rank 1/2" in err["1"]
+    assert _logged_steps(err["0"]) == [1, 2, 3]
+    assert list((tmp_path / "runs" / "demo" / "tensorboard").glob("events.*"))
+
+
+def test_preempted_job_is_requeued_and_resumes_exactly(slurm_cluster, tmp_path, tiny_world, tiny_teacher_dir):
+    steps = 40
+    out = tmp_path / "slurm.out"
+    sub = subprocess.run(["sbatch", "--parsable", f"--output={out}", *SBATCH_CPU,
+                          str(REPO / "slurm" / "distill_vitb32.sh"),
+                          *_overrides(tmp_path, tiny_world, tiny_teacher_dir, f"optim.steps={steps}")],
+                         capture_output=True, text=True, env=_script_env(), check=True)
+    job_id = sub.stdout.strip().split(";")[0]
+    deadline = time.time() + 200
+    while not (out.is_file() and len(_logged_steps(out.read_text())) >= 3):
+        assert time.time() < deadline, out.read_text() if out.is_file() else "no output"
+        assert _sacct_state(job_id) not in ("COMPLETED", "FAILED", "CANCELLED"), out.read_text()
+        time.sleep(0.2)
+    subprocess.run(["scontrol", "requeue", job_id], check=True)  # what preemption with requeue does
+    while _sacct_state(job_id) != "COMPLETED":
+        assert time.time() < deadline, f"state {_sacct_state(job_id)}\n{out.read_text()[-4000:]}"
+        assert _sacct_state(job_id) not in ("FAILED", "CANCELLED", "NODE_FAIL"), out.read_text()[-4000:]
+        time.sleep(1)
+    log = out.read_text()
+    assert "checkpointing at the next step" in log and "resumed from" in log, log[-4000:]
+    assert "(restart 1)" in log
+    logged = _logged_steps(log)
+    assert logged == list(range(1, steps + 1)), logged  # no step twice, none skipped
+    assert (tmp_path / "runs" / "demo" / "final" / "student.safetensors").is_file()
+
+
+def _launch(tmp_path: Path, stage: str, overrides: list[str]) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "dime_ds.launch", "--nodes", "1", "--gpus-per-node", "0",
+                           "--tasks-per-node", "2", "--cpus-per-task", "1", "--time", "10",
+                           "--job-dir", str(tmp_path / "jobs"), "--wait", f"stage={stage}", *overrides],
+                          capture_output=True, text=True, timeout=280)
+
+
+def test_launch_embed_then_match_through_submitit(slurm_cluster, tmp_path, tiny_world, tiny_teacher_dir):
+    overrides = ["experiment=demo", f"work_dir={tmp_path}", f"data.root={tiny_world}",
+                 f"teacher.arch=local-dir:{tiny_teacher_dir}", "device=cpu", "log.progress=false", "match.topk=4",
+                 "match.block_size=50", "match.shard_size=10", "match.stop_ratio=1.0"]
+    for stage in ("embed", "match"):
+        run = _launch(tmp_path, stage, overrides)
+        logs = "\n".join(p.read_text()[-2000:] for p in sorted((tmp_path / "jobs").rglob("*_log.err")))
+        assert run.returncode == 0, f"stage {stage}:\n{run.stdout}\n{run.stderr}\n{logs}"
+    assert list((tmp_path / "grounded").rglob("*.tar"))
