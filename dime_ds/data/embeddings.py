@@ -31,7 +31,8 @@ class EmbeddingCacheError(UserError, ValueError):
     """A cache directory that is incomplete, or whose files do not match its manifest."""
 
 
-def _atomic_write(path: Path, write) -> None:
+def atomic_write(path: Path, write) -> None:
+    """`write(binary_file)` into a temporary name, fsync, rename: readers never see a partial file."""
     tmp = path.with_name(path.name + ".tmp")
     try:
         with open(tmp, "wb") as f:
@@ -74,8 +75,8 @@ def write_embedding_shard(directory: str | os.PathLike, name: str, keys: Sequenc
     if len(set(keys)) != len(keys):
         raise ValueError(f"shard {name}: duplicate keys")
     directory.mkdir(parents=True, exist_ok=True)
-    _atomic_write(directory / f"{name}.npy", lambda f: np.save(f, np.ascontiguousarray(half), allow_pickle=False))
-    _atomic_write(directory / f"{name}.keys.txt", lambda f: f.write("".join(k + "\n" for k in keys).encode("utf-8")))
+    atomic_write(directory / f"{name}.npy", lambda f: np.save(f, np.ascontiguousarray(half), allow_pickle=False))
+    atomic_write(directory / f"{name}.keys.txt", lambda f: f.write("".join(k + "\n" for k in keys).encode("utf-8")))
     return {"name": name, "source": str(source), "source_sha256": source_sha256, "count": len(keys)}
 
 
@@ -128,7 +129,7 @@ def write_manifest(directory: str | os.PathLike, *, modality: str, model: str, s
                     "count": int(r["count"])} for r in shards],
         "skipped": [{"key": s["key"], "source": s["source"], "reason": s["reason"]} for s in skipped],
     }
-    _atomic_write(directory / MANIFEST, lambda f: f.write((json.dumps(manifest, indent=1) + "\n").encode("utf-8")))
+    atomic_write(directory / MANIFEST, lambda f: f.write((json.dumps(manifest, indent=1) + "\n").encode("utf-8")))
     return manifest
 
 

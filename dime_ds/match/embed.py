@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -22,7 +21,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from dime_ds.data.embeddings import MANIFEST, read_manifest, write_embedding_shard, write_manifest
+from dime_ds.data.embeddings import MANIFEST, atomic_write, read_manifest, write_embedding_shard, write_manifest
 from dime_ds.data.pipelines import SampleError, decode_sample, image_transform, iter_tar_samples
 from dime_ds.data.shards import sha256_file
 from dime_ds.models import Teacher
@@ -43,16 +42,7 @@ def _record_path(out_dir: Path, name: str) -> Path:
 
 
 def _write_json_atomic(path: Path, obj: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(json.dumps(obj, indent=1) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    atomic_write(path, lambda f: f.write((json.dumps(obj, indent=1) + "\n").encode("utf-8")))
 
 
 def _files_ok(out_dir: Path, name: str, count: int) -> bool:
