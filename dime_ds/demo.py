@@ -33,6 +33,7 @@ from dime_ds.engine.run import run_training
 from dime_ds.log.table import format_table
 from dime_ds.match.corpus import run_match_stage
 from dime_ds.match.embed import run_embed_stage
+from dime_ds.models import read_openclip_dir
 
 log = logging.getLogger("dime_ds.demo")
 
@@ -93,8 +94,10 @@ def main(overrides: Sequence[str]) -> int:
     distilled = run_training(distill_cfg)
     baseline = run_training(baseline_cfg)
     teacher_eval = distilled["eval"]["teacher"]
+    # A reused teacher's training figures live in its model directory.
+    recorded = trained or read_openclip_dir(teacher_dir(distill_cfg)).get("dime_ds", {})
     teacher_summary = {"image_params": distilled.get("teacher_image_params", 0),
-                       "samples_per_s": (trained or {}).get("samples_per_s", 0)}
+                       "samples_per_s": recorded.get("samples_per_s", 0)}
     datasets = list(teacher_eval)
     chance = {d: f"{100 / m['classes']:.1f}" for d, m in teacher_eval.items() if not m.get("missing")}
     rows = [_rows("teacher (CLIP loss, paired)", teacher_summary, teacher_eval),

@@ -325,13 +325,87 @@ def open_caches(embed_dir: str | os.PathLike) -> tuple[EmbeddingCache, Embedding
     return images, texts
 
 
+IMAGE_CHUNK = 65536  # images searched at once by a rank's partial top-k (bounds memory)
+
+
+def rank_rows(n: int, rank: int, world: int) -> tuple[int, int]:
+    """The contiguous block of text rows [start, stop) that rank `rank` of `world` searches."""
+    return rank * n // world, (rank + 1) * n // world
+
+
+def _raw_rows(shards: Sequence[np.ndarray], start: int, stop: int) -> np.ndarray:
+    """Raw rows [start, stop) of a list of (memory-mapped) shards, stacked."""
+    pieces, base = [], 0
+    for part in shards:
+        lo, hi = max(start, base), min(stop, base + len(part))
+        if lo < hi:
+            pieces.append(np.asarray(part[lo - base:hi - base]))
+        base += len(part)
+    if not pieces:
+        return np.empty((0, shards[0].shape[1]), np.float32)
+    return pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
+
+
+def rank_partial_topk(images: EmbeddingCache, texts: EmbeddingCache, start: int, stop: int, k: int, *,
+                      text_map=None, block_size: int | None = None, image_chunk: int = IMAGE_CHUNK,
+                      use_gpu: bool | None = None, progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Exact top-k (global ids) of every image among text rows [start, stop): the rows are read in
+    blocks of `block_size`, the images in chunks of `image_chunk`, and the parts merged (search.py's
+    multi-node plan, one node's share)."""
+    from dime_ds.match.search import merge_topk, partial_topk
+
+    n_img = len(images)
+    best_s = np.full((n_img, k), -np.inf, np.float32)
+    best_i = np.full((n_img, k), -1, np.int64)
+    block = max(1, int(block_size)) if block_size else max(stop - start, 1)
+    image_chunk = max(1, int(image_chunk))
+    n_blocks = -(-(stop - start) // block)
+    bar = tqdm(total=n_blocks * -(-n_img // image_chunk), desc="partial top-k", disable=not progress, leave=False)
+    for lo in range(start, stop, block):
+        txt = _raw_rows(texts.shards, lo, min(lo + block, stop))
+        for q in range(0, n_img, image_chunk):
+            img = _raw_rows(images.shards, q, min(q + image_chunk, n_img))
+            part = partial_topk(img, txt, lo, k, text_map=text_map, use_gpu=use_gpu)
+            best_s[q:q + len(img)], best_i[q:q + len(img)] = merge_topk(
+                [(best_s[q:q + len(img)], best_i[q:q + len(img)]), part], k)
+            bar.update()
+    bar.close()
+    return best_s, best_i
+
+
+def _gather_to_main(obj: Any) -> list[Any] | None:
+    """Every rank's `obj` on rank 0 (rank order), None on the others."""
+    import torch.distributed as dist
+
+    from dime_ds.dist import collectives as C
+
+    if not C.is_distributed() or C.world_size() == 1:
+        return [obj]
+    out: list[Any] | None = [None] * C.world_size() if C.rank() == 0 else None
+    dist.gather_object(obj, out, dst=0)
+    return out
+
+
 def run_match_stage(cfg: Any) -> dict:
-    """`python -m dime_ds.match stage=match`: Algorithm 1 over the embed stage's caches."""
+    """`python -m dime_ds.match stage=match`: Algorithm 1 over the embed stage's caches.
+
+    On several ranks (torchrun, srun, submitit; a process group is made when the world has several
+    ranks and none exists) the exact index runs search.py's multi-node plan: rank r of R computes
+    the top-k of all images among its contiguous text rows [r*N/R, (r+1)*N/R), rank 0 gathers and
+    merges the lists (identical to one search over the whole corpus), runs the greedy rounds and
+    the re-queries over the shared memory-mapped caches, and writes the outputs; every rank returns
+    rank 0's report. index=ivf (approximate) runs on rank 0 alone."""
     from dime_ds.config import ConfigError
+    from dime_ds.dist import collectives as C
+    from dime_ds.dist.env import backend_for, device_for, init_distributed, world_info
     from dime_ds.match.algorithm1 import ground
 
     started = time.perf_counter()
     m = cfg.match
+    info = world_info()
+    if not C.is_distributed() and info.world_size > 1:
+        init_distributed(info, backend_for(device_for(info, cfg.device), cfg.dist.backend), cfg.dist.timeout_min)
+    rank, world = C.rank(), C.world_size()
     images, texts = open_caches(m.embed_dir)
     text_map = None
     if m.text_map:
@@ -344,16 +418,79 @@ def run_match_stage(cfg: Any) -> dict:
                               f"({images.dim}, {texts.dim}) (image dim x text dim)")
     elif images.dim != texts.dim:
         raise ConfigError(f"image embeddings are {images.dim}-d, text embeddings {texts.dim}-d: set match.text_map")
-    progress = bool(cfg.log.progress)
-    log.info("algorithm 1: %d images x %d sentences (%s, topk=%d, block_size=%d)", len(images), len(texts),
-             m.index, m.topk, m.block_size)
-    result = ground(images.shards, texts.shards, stop_ratio=m.stop_ratio, text_map=text_map, topk=m.topk,
-                    block_size=m.block_size, index=m.index, nlist=m.nlist, nprobe=m.nprobe,
-                    use_gpu=False if cfg.device == "cpu" else None, progress=progress)
+    progress = bool(cfg.log.progress) and rank == 0
+    use_gpu = False if cfg.device == "cpu" else None
     settings = {k: m[k] for k in ("stop_ratio", "topk", "block_size", "index", "nlist", "nprobe", "text_map")}
-    report = write_outputs(m.out_dir, result, images, texts, settings, shard_size=int(getattr(m, "shard_size", 10000)),
-                           tensorboard=bool(cfg.log.tensorboard), progress=progress, started=started)
-    log.info("grounded corpus: %d of %d images matched in %d rounds, %d sentences kept -> %s",
-             report["images_matched"], report["images"], report["rounds"], report["sentences_kept"],
-             report["corpus"]["dir"])
+
+    def ground_and_write(candidates=None) -> dict:
+        result = ground(images.shards, texts.shards, stop_ratio=m.stop_ratio, text_map=text_map, topk=m.topk,
+                        block_size=m.block_size, index=m.index, nlist=m.nlist, nprobe=m.nprobe,
+                        use_gpu=use_gpu, candidates=candidates, progress=progress)
+        return write_outputs(m.out_dir, result, images, texts, settings,
+                             shard_size=int(getattr(m, "shard_size", 10000)), tensorboard=bool(cfg.log.tensorboard),
+                             progress=progress, started=started)
+
+    if world == 1:
+        log.info("algorithm 1: %d images x %d sentences (%s, topk=%d, block_size=%d)", len(images), len(texts),
+                 m.index, m.topk, m.block_size)
+        report = ground_and_write()
+    else:
+        report = _run_distributed(m, images, texts, text_map, rank, world, use_gpu, progress, ground_and_write)
+    if rank == 0:
+        log.info("grounded corpus: %d of %d images matched in %d rounds, %d sentences kept -> %s",
+                 report["images_matched"], report["images"], report["rounds"], report["sentences_kept"],
+                 report["corpus"]["dir"])
+    return report
+
+
+def _run_distributed(m: Any, images: EmbeddingCache, texts: EmbeddingCache, text_map, rank: int, world: int,
+                     use_gpu: bool | None, progress: bool, ground_and_write) -> dict:
+    """The multi-rank match stage (see run_match_stage): partial top-k per rank, merge + Algorithm 1 +
+    outputs on rank 0, its report (or its error) broadcast to every rank."""
+    from dime_ds.dist import collectives as C
+    from dime_ds.match.search import merge_topk
+
+    n_img, n_txt = len(images), len(texts)
+    plan = m.index == "flat" and n_img > 0 and n_txt > 0
+    part, error = None, None
+    if plan:
+        k = min(int(m.topk), n_txt)
+        start, stop = rank_rows(n_txt, rank, world)
+        if rank == 0:
+            log.info("algorithm 1 on %d ranks: %d images x %d sentences (topk=%d, block_size=%d), "
+                     "~%d sentences per rank", world, n_img, n_txt, m.topk, m.block_size, n_txt // world)
+        t0 = time.perf_counter()
+        try:
+            part = rank_partial_topk(images, texts, start, stop, max(k, 1), text_map=text_map,
+                                     block_size=m.block_size, image_chunk=IMAGE_CHUNK, use_gpu=use_gpu,
+                                     progress=progress)
+            log.info("rank %d: partial top-%d over sentences [%d, %d) in %.1f s", rank, k, start, stop,
+                     time.perf_counter() - t0)
+        except Exception as err:  # noqa: BLE001 - reported on every rank below
+            error = f"rank {rank}: {type(err).__name__}: {err}"
+            log.exception("rank %d: partial top-k failed", rank)
+            part = None
+    elif rank == 0:
+        log.info("algorithm 1 (%s) on rank 0 of %d: %d images x %d sentences", m.index, world, n_img, n_txt)
+    gathered = _gather_to_main((error, part)) if plan else None
+    report = None
+    if rank == 0:
+        try:
+            if plan:
+                errors = [e for e, _ in gathered if e]
+                if errors:
+                    raise RuntimeError(f"partial top-k failed on {len(errors)} rank(s):\n" + "\n".join(errors))
+                merged = merge_topk([p for _, p in gathered], min(int(m.topk), n_txt))
+                del gathered
+                report = ground_and_write(candidates=merged)
+            else:
+                report = ground_and_write()
+            error = None
+        except Exception as err:  # noqa: BLE001 - re-raised here, reported on the others
+            error = f"rank 0: {type(err).__name__}: {err}"
+            report, error = C.broadcast_object((None, error))
+            raise
+    report, error = C.broadcast_object((report, error))  # the other ranks wait here for rank 0
+    if error:
+        raise RuntimeError(f"the match stage failed: {error}")
     return report
