@@ -111,3 +111,13 @@ def all_gather_object(obj: T) -> list[T]:
     out: list[Any] = [None] * world_size()
     dist.all_gather_object(out, obj)
     return out
+
+
+def gather_object_to_main(obj: T) -> list[T] | None:
+    """Every rank's `obj` on rank 0 (rank order), None on the others: half the memory of an
+    all-gather when only rank 0 needs the result."""
+    if not is_distributed() or world_size() == 1:
+        return [obj]
+    out: list[Any] | None = [None] * world_size() if rank() == 0 else None
+    dist.gather_object(obj, out, dst=0)
+    return out

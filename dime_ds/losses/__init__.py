@@ -1,2 +1,2 @@
-"""Losses. functional.py: pure math on whole tensors (no torch.distributed); dime.py: the
+"""Losses. functional.py: pure math on whole tensors (no collectives); dime.py: the
 distributed version that gathers features across ranks, then calls functional."""

@@ -373,19 +373,6 @@ def rank_partial_topk(images: EmbeddingCache, texts: EmbeddingCache, start: int,
     return best_s, best_i
 
 
-def _gather_to_main(obj: Any) -> list[Any] | None:
-    """Every rank's `obj` on rank 0 (rank order), None on the others."""
-    import torch.distributed as dist
-
-    from dime_ds.dist import collectives as C
-
-    if not C.is_distributed() or C.world_size() == 1:
-        return [obj]
-    out: list[Any] | None = [None] * C.world_size() if C.rank() == 0 else None
-    dist.gather_object(obj, out, dst=0)
-    return out
-
-
 def run_match_stage(cfg: Any) -> dict:
     """`python -m dime_ds.match stage=match`: Algorithm 1 over the embed stage's caches.
 
@@ -472,7 +459,7 @@ def _run_distributed(m: Any, images: EmbeddingCache, texts: EmbeddingCache, text
             part = None
     elif rank == 0:
         log.info("algorithm 1 (%s) on rank 0 of %d: %d images x %d sentences", m.index, world, n_img, n_txt)
-    gathered = _gather_to_main((error, part)) if plan else None
+    gathered = C.gather_object_to_main((error, part)) if plan else None
     report = None
     if rank == 0:
         try:

@@ -206,8 +206,6 @@ def run_embed_stage(cfg) -> dict:
     when the world has several ranks and none exists). Each rank embeds input shards i % world == rank;
     finished shards from unchanged sources are skipped; rank 0 writes each manifest once all ranks are
     done. Returns {modality: manifest} on every rank."""
-    import torch.distributed as dist
-
     from dime_ds.data.shards import list_shards
     from dime_ds.dist import collectives as C
     from dime_ds.dist.env import backend_for, device_for, init_distributed, world_info

@@ -1,5 +1,5 @@
 """Teacher and student factories on open_clip, projection heads, OpenCLIP model directories.
-Nothing here touches torch.distributed."""
+Nothing here communicates across ranks."""
 from dime_ds.models.openclip_dir import read_openclip_dir, save_openclip_dir
 from dime_ds.models.precision import compute_dtype, resolve_device
 from dime_ds.models.student import Student, build_student, student_preprocess_cfg, student_tokenizer
