@@ -43,10 +43,15 @@ def decode_sample(sample: Mapping[str, Any]) -> dict:
     return out
 
 
+def preprocess_size(preprocess_cfg: Mapping[str, Any]) -> tuple[int, int]:
+    """(height, width) of an OpenCLIP preprocess config, whose `size` is an int or a pair."""
+    size = preprocess_cfg.get("size", 224)
+    return tuple(size) if isinstance(size, (list, tuple)) else (size, size)
+
+
 def image_transform(preprocess_cfg: Mapping[str, Any], train: bool, crop_scale_min: float = 0.5) -> Callable:
     """The model's preprocessing; in training, the paper's augmentation (random resized crop, flip)."""
-    size = preprocess_cfg.get("size", 224)
-    size = tuple(size) if isinstance(size, (list, tuple)) else (size, size)
+    size = preprocess_size(preprocess_cfg)
     interp = T.InterpolationMode.BICUBIC if preprocess_cfg.get("interpolation", "bicubic") == "bicubic" \
         else T.InterpolationMode.BILINEAR
     normalize = T.Normalize(preprocess_cfg["mean"], preprocess_cfg["std"])

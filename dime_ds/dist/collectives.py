@@ -48,6 +48,16 @@ def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
     return (out / world_size()).to(t.device)
 
 
+def reduce_scalar(value: float, op: str = "sum") -> float:
+    """A Python number reduced over ranks: op "sum" or "max" (e.g. counts, stop flags)."""
+    if not is_distributed() or world_size() == 1:
+        return float(value)
+    t = torch.tensor([float(value)], dtype=torch.float64)
+    t = t.to(_comm_device(t))
+    dist.all_reduce(t, op={"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX}[op])
+    return float(t.item())
+
+
 # torch 2.14 names the tensor-in-tensor-out collectives *_single and deprecates the older names.
 _all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 _reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor

@@ -8,11 +8,11 @@ import random
 import re
 import shutil
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
-import torch.distributed as dist
+
+from dime_ds.dist import collectives as C
 
 log = logging.getLogger(__name__)
 TAG = re.compile(r"^step_(\d{8})$")
@@ -32,24 +32,15 @@ def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
 
 
-def _gather(obj: Any) -> list:
-    if not dist.is_initialized():
-        return [obj]
-    out = [None] * dist.get_world_size()
-    dist.all_gather_object(out, obj)
-    return out
-
-
 def save(engine, ckpt_dir: str | Path, step: int, rank_state: dict, config_yaml: str, keep_last: int) -> str:
     """Collective: every rank calls it. Rank r's `rank_state` is stored at index r."""
-    ranks = _gather({**rank_state, "rng": rng_state()})
+    ranks = C.all_gather_object({**rank_state, "rng": rng_state()})
     tag = tag_for(step)
     engine.save_checkpoint(str(ckpt_dir), tag=tag,
                            client_state={"step": step, "ranks": ranks, "config": config_yaml})
-    if not dist.is_initialized() or dist.get_rank() == 0:
+    if C.is_main():
         _prune(Path(ckpt_dir), keep_last)
-    if dist.is_initialized():
-        dist.barrier()
+    C.barrier()
     log.info("checkpoint %s saved in %s", tag, ckpt_dir)
     return tag
 
@@ -83,7 +74,7 @@ def load(engine, ckpt_dir: str | Path, resume: str | None, rank: int) -> tuple[i
     if path is None:
         raise RuntimeError(f"DeepSpeed could not load checkpoint {tag} from {ckpt_dir}")
     ranks = client["ranks"]
-    if len(ranks) != (dist.get_world_size() if dist.is_initialized() else 1):
+    if len(ranks) != C.world_size():
         raise RuntimeError(f"checkpoint {tag} was written by {len(ranks)} ranks; resuming needs the same "
                            f"world size for exact data positions")
     state = ranks[rank]

@@ -13,14 +13,14 @@ from typing import Any
 
 import deepspeed
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from omegaconf import OmegaConf
 from tqdm import tqdm
 
 from dime_ds.data.loaders import image_batches, paired_batches, text_batches
-from dime_ds.data.pipelines import image_transform
+from dime_ds.data.pipelines import image_transform, preprocess_size
 from dime_ds.data.shards import list_shards
+from dime_ds.dist import collectives as C
 from dime_ds.dist.env import WorldInfo
 from dime_ds.engine import checkpoint
 from dime_ds.engine.ds_config import build_ds_config, student_precision
@@ -50,12 +50,8 @@ class StopRequested:
         log.warning("received signal %d: checkpointing at the next step", signum)
         self.flag = True
 
-    def any_rank(self, device: torch.device) -> bool:
-        if not dist.is_initialized():
-            return self.flag
-        t = torch.tensor([1.0 if self.flag else 0.0], device=device)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        return bool(t.item())
+    def any_rank(self) -> bool:
+        return C.reduce_scalar(1.0 if self.flag else 0.0, op="max") > 0
 
 
 class Trainer:
@@ -117,8 +113,8 @@ class Trainer:
     def _to_student(self, images: torch.Tensor) -> torch.Tensor:
         """Resize / renormalise stream images when the student's preprocessing differs."""
         src, dst = self._stream_preprocess(), self.student_preprocess
-        if _size(src) != _size(dst):
-            images = F.interpolate(images, size=_size(dst), mode="bicubic", antialias=True, align_corners=False)
+        if preprocess_size(src) != preprocess_size(dst):
+            images = F.interpolate(images, size=preprocess_size(dst), mode="bicubic", antialias=True, align_corners=False)
         if list(src["mean"]) != list(dst["mean"]) or list(src["std"]) != list(dst["std"]):
             def vec(v):
                 return torch.tensor(v, dtype=images.dtype).view(1, -1, 1, 1)
@@ -140,7 +136,11 @@ class Trainer:
                                               img_batch["keys"], txt_batch["keys"])
             teacher_s = time.perf_counter() - t0
             t0 = time.perf_counter()
-            tokens = self.student_tokenize(txt_batch["texts"]).to(self.device) if self.has_text else None
+            tokens = None
+            if self.has_text:  # the stream already tokenized for the student when no live teacher needs tokens
+                tokens = txt_batch["tokens"] if self.teacher.tokenizer is None else \
+                    self.student_tokenize(txt_batch["texts"])
+                tokens = tokens.to(self.device)
             s_img, s_txt = self.engine(self._to_student(img_batch["images"]), tokens)
             s_txt = t_txt if s_txt is None else s_txt.float()
             losses = dime_loss(t_img, t_txt, s_img.float(), s_txt, self.cfg.loss)
@@ -181,7 +181,7 @@ class Trainer:
                 window = {k: 0 for k in window}
             if cfg.eval.every_n_steps and (step % cfg.eval.every_n_steps == 0 or step == steps):
                 summary["eval"] = self.evaluate(step)
-            stop = self.stop.any_rank(self.device)
+            stop = self.stop.any_rank()
             if stop or step == steps or (cfg.ckpt.every_n_steps and step % cfg.ckpt.every_n_steps == 0):
                 checkpoint.save(self.engine, cfg.ckpt.dir, step, self._stream_state(), config_yaml, cfg.ckpt.keep_last)
             if stop:
@@ -211,7 +211,7 @@ class Trainer:
         values["perf/teacher_s_per_step"] = window["teacher_s"] / n
         values["perf/student_s_per_step"] = window["student_s"] / n
         for name, count in self._skipped().items():
-            values[f"data/skipped_{name}"] = _sum_over_ranks(count, self.device)
+            values[f"data/skipped_{name}"] = C.reduce_scalar(count)
         values["memory/host_max_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
         if self.device.type == "cuda":
             values["memory/gpu_max_allocated_gb"] = torch.cuda.max_memory_allocated(self.device) / 2**30
@@ -260,16 +260,3 @@ class Trainer:
             t_img, t_txt, s_img, s_txt = (F.normalize(x[:16], dim=-1) for x in self._last)
             self.tb.similarity_image("similarity/teacher_vs_student", t_img @ t_txt.t(), s_img @ s_txt.t(), step)
         return results
-
-
-def _size(preprocess: dict) -> tuple[int, int]:
-    size = preprocess.get("size", 224)
-    return tuple(size) if isinstance(size, (list, tuple)) else (size, size)
-
-
-def _sum_over_ranks(value: float, device: torch.device) -> float:
-    if not dist.is_initialized():
-        return float(value)
-    t = torch.tensor([float(value)], device=device)
-    dist.all_reduce(t)
-    return float(t.item())
