@@ -30,7 +30,7 @@ from dime_ds.engine.teacher_source import TeacherSource
 from dime_ds.eval.suite import evaluate_suite
 from dime_ds.log.tensorboard import TBWriter
 from dime_ds.losses.dime import clip_loss, dime_loss, reduce_for_logging
-from dime_ds.models import build_student, student_preprocess_cfg, student_tokenizer
+from dime_ds.models import build_run_student, student_preprocess_cfg, student_tokenizer
 
 log = logging.getLogger(__name__)
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -64,7 +64,7 @@ class Trainer:
         self.teacher = None if self.clip else TeacherSource(cfg, device, self.micro)
         target_dim = None if self.clip else self.teacher.embed_dim
         torch.manual_seed(cfg.seed)  # identical initial student on every rank
-        student = build_student(cfg.student, target_dim)
+        student = build_run_student(cfg, target_dim)  # with the teacher's activation when it borrows its text tower
         self.student_preprocess = student_preprocess_cfg(student.model_cfg)
         self.student_tokenize = student_tokenizer(student) if student.has_text else None
         self.has_text = student.has_text

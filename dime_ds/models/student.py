@@ -12,7 +12,13 @@ import torch
 from omegaconf import OmegaConf
 from torch import nn
 
+from dime_ds.errors import UserError
+
 OPEN_CLIP_KEYS = ("embed_dim", "vision_cfg", "text_cfg", "quick_gelu", "init_logit_scale")
+
+
+class StudentConfigError(UserError, ValueError):
+    """A student section that cannot be built as asked."""
 
 
 def student_model_cfg(student_cfg: Any) -> dict:
@@ -23,11 +29,11 @@ def student_model_cfg(student_cfg: Any) -> dict:
     else:
         cfg = open_clip.get_model_config(student_cfg.arch)
         if cfg is None:
-            raise ValueError(f"student.arch={student_cfg.arch!r} is not an OpenCLIP architecture "
-                             f"(open_clip.list_models() lists them), and student.model_cfg is null")
+            raise StudentConfigError(f"student.arch={student_cfg.arch!r} is not an OpenCLIP architecture "
+                                     f"(open_clip.list_models() lists them), and student.model_cfg is null")
     if "hf_model_name" in cfg.get("text_cfg", {}) or "timm_model_name" in cfg.get("vision_cfg", {}):
-        raise ValueError(f"student {student_cfg.arch!r}: towers from HF/timm hubs need downloads; "
-                         "use a native OpenCLIP ViT config")
+        raise StudentConfigError(f"student {student_cfg.arch!r}: towers from HF/timm hubs need downloads; "
+                                 "use a native OpenCLIP ViT config")
     return cfg
 
 
@@ -115,9 +121,28 @@ def _fold(tower_proj: torch.Tensor | None, head: nn.Linear | None) -> torch.Tens
     return tower_proj.detach() @ head.weight.detach().t()
 
 
-def build_student(student_cfg: Any, target_dim: int | None = None) -> Student:
-    """A randomly initialised student from the `student` config section."""
-    return Student(student_model_cfg(student_cfg), student_cfg.text, target_dim)
+def build_student(student_cfg: Any, target_dim: int | None = None, quick_gelu: bool | None = None) -> Student:
+    """A randomly initialised student from the `student` config section. `quick_gelu` (None: the
+    student config's own) sets the activation of both towers, as OpenCLIP's flag does."""
+    model_cfg = student_model_cfg(student_cfg)
+    if quick_gelu is not None:
+        own = model_cfg.get("quick_gelu")
+        if own is not None and bool(own) != quick_gelu:
+            raise StudentConfigError(
+                f"student {student_cfg.arch!r} sets quick_gelu={own}, but the teacher's text tower it borrows "
+                f"(student.text=teacher) uses quick_gelu={quick_gelu}; one OpenCLIP model has one activation: "
+                "pick a student architecture without the flag (or with the teacher's)")
+        model_cfg["quick_gelu"] = quick_gelu
+    return Student(model_cfg, student_cfg.text, target_dim)
+
+
+def build_run_student(cfg: Any, target_dim: int | None = None) -> Student:
+    """The student a run trains (root config): one that borrows the teacher's text tower takes the
+    teacher's activation, so that the exported model is one coherent OpenCLIP config."""
+    from dime_ds.models.teacher import teacher_quick_gelu
+
+    quick_gelu = teacher_quick_gelu(cfg.teacher) if cfg.student.text == "teacher" else None
+    return build_student(cfg.student, target_dim, quick_gelu)
 
 
 def student_preprocess_cfg(model_cfg: Mapping[str, Any]) -> dict:

@@ -3,12 +3,15 @@ OpenCLIP model directory (local-dir:/hf-hub:). Eval mode, no gradients, half pre
 raw fp32 embeddings so every loss sees the same dtype whatever the teacher ran in."""
 from __future__ import annotations
 
+import copy
 import os
 from pathlib import Path
 from typing import Any
 
 import open_clip
 from open_clip.factory import parse_model_name
+from open_clip.model import convert_to_custom_text_state_dict
+from open_clip.transformer import QuickGELU
 import torch
 from torch import nn
 
@@ -51,6 +54,14 @@ class Teacher(nn.Module):
         # A teacher never trains: dropout and friends stay off even inside a student's .train().
         return super().train(False)
 
+    def text_tower_state(self) -> tuple[dict[str, torch.Tensor], dict]:
+        """The text tower as a CustomTextCLIP `text` submodule's state (keys without `text.`) and its
+        text_cfg (context length, vocabulary, tokenizer): what a student without one exports with."""
+        # A plain CLIP keeps its text tower at the top level; a CustomTextCLIP already under `text.`.
+        state = convert_to_custom_text_state_dict(self.model.state_dict())
+        text = {k[len("text."):]: v for k, v in state.items() if k.startswith("text.")}
+        return text, copy.deepcopy(dict(self.model_cfg["text_cfg"]))
+
     @torch.no_grad()
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
         return self.model.encode_image(images.to(self.device, self.dtype)).float()
@@ -87,11 +98,40 @@ def _check_source(arch: str, pretrained: str | None) -> None:
             raise TeacherWeightsError(f"{_describe(arch, pretrained)}: no such weights file.")
 
 
+def _tag_quick_gelu(arch: str, pretrained: str | None) -> bool:
+    """Whether a pretrained tag's weights were trained with QuickGELU (OpenAI's were). open_clip only
+    warns when `ViT-L-14` meets `openai`, and would run them with GELU."""
+    if not pretrained or parse_model_name(arch)[0] is not None:
+        return False
+    return bool(open_clip.get_pretrained_cfg(arch, pretrained).get("quick_gelu", False))
+
+
+def teacher_quick_gelu(teacher_cfg: Any) -> bool:
+    """Whether the teacher built by `load_teacher` uses QuickGELU, from its configs alone (no weights).
+    A student that borrows the teacher's text tower must use the same activation: OpenCLIP builds
+    both towers of one model from a single `quick_gelu` flag."""
+    arch, pretrained = teacher_cfg.arch, teacher_cfg.pretrained
+    try:
+        model_cfg = open_clip.get_model_config(arch)
+    except Exception as err:  # a missing local-dir, an unreachable hub
+        raise TeacherWeightsError(f"{_describe(arch, pretrained)}: cannot read the teacher's model config: {err}. "
+                                  + OFFLINE_HINT) from err
+    if model_cfg is None:
+        raise TeacherWeightsError(f"{_describe(arch, pretrained)}: not an OpenCLIP architecture")
+    return bool(model_cfg.get("quick_gelu", False)) or _tag_quick_gelu(arch, pretrained)
+
+
+def uses_quick_gelu(module: nn.Module) -> bool:
+    """Whether a built model's transformer blocks use QuickGELU (what actually runs)."""
+    return any(isinstance(m, QuickGELU) for m in module.modules())
+
+
 def load_teacher(teacher_cfg: Any, device: torch.device) -> Teacher:
     """Build the frozen teacher from the `teacher` config section on `device`."""
     arch, pretrained = teacher_cfg.arch, teacher_cfg.pretrained
     _check_source(arch, pretrained)
     dtype = compute_dtype(teacher_cfg.precision, device)
+    force_quick_gelu = _tag_quick_gelu(arch, pretrained)
     try:
         model = open_clip.create_model(
             arch,
@@ -100,6 +140,7 @@ def load_teacher(teacher_cfg: Any, device: torch.device) -> Teacher:
             device=device,
             require_pretrained=True,
             weights_only=True,  # never unpickle a checkpoint
+            force_quick_gelu=force_quick_gelu,
         )
         tokenizer = open_clip.get_tokenizer(arch)
     except TeacherWeightsError:
@@ -107,6 +148,8 @@ def load_teacher(teacher_cfg: Any, device: torch.device) -> Teacher:
     except Exception as err:  # download failures, missing tags, corrupt files: say what to do instead
         raise TeacherWeightsError(f"could not load {_describe(arch, pretrained)}: {err}\n{OFFLINE_HINT}") from err
     model_cfg = open_clip.get_model_config(arch) or {}
+    if force_quick_gelu:
+        model_cfg["quick_gelu"] = True
     if "embed_dim" not in model_cfg:
         raise TeacherWeightsError(f"{_describe(arch, pretrained)}: no model config with embed_dim found")
     return Teacher(model, model_cfg, dict(model.visual.preprocess_cfg), tokenizer, dtype)

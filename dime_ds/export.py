@@ -1,0 +1,81 @@
+"""`python -m dime_ds.export <checkpoint> <out_dir> [--tag step_00000042] [--force]`: a distilled
+student as a plain OpenCLIP model directory (open_clip_config.json + open_clip_model.safetensors)
+that `open_clip.create_model_and_transforms('local-dir:<out_dir>')` loads without dime_ds.
+
+<checkpoint> is a run directory, its checkpoint directory or one tag directory. The weights are the
+fp32 master weights consolidated from the ZeRO shards; projections are folded into the towers; a
+student without a text tower (student.text=teacher) gets the teacher's, loaded from the run's
+teacher section."""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Sequence
+
+from dime_ds.cli import run_entry
+from dime_ds.errors import UserError
+
+
+class ExportError(UserError, FileExistsError):
+    """An output directory that export must not write into."""
+
+
+def _check_out_dir(out: Path, force: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise ExportError(f"{out} exists and is not a directory; choose another out_dir")
+    if out.is_dir() and any(out.iterdir()) and not force:
+        raise ExportError(f"{out} exists and is not empty; choose another out_dir, or pass --force to "
+                          "overwrite its model files")
+
+
+def export_student(checkpoint: str | Path, out_dir: str | Path, tag: str | None = None,
+                   force: bool = False) -> Path:
+    """Write the student of `checkpoint` (newest tag unless `tag`) to `out_dir`; returns its path."""
+    out = Path(out_dir).expanduser().resolve()
+    _check_out_dir(out, force)  # before any heavy work
+    import torch
+
+    from dime_ds.engine.consolidate import fp32_state_dict, resolve_checkpoint, step_of, student_from_state
+    from dime_ds.models import load_teacher, save_openclip_dir, student_preprocess_cfg, uses_quick_gelu
+
+    cfg, ckpt_dir, tag = resolve_checkpoint(checkpoint, tag)
+    student = student_from_state(cfg, fp32_state_dict(ckpt_dir, tag))
+    text_state = text_cfg = None
+    if not student.has_text:
+        # fp32: the teacher's stored weights as they are, not their half-precision rounding.
+        teacher = load_teacher(SimpleNamespace(arch=cfg.teacher.arch, pretrained=cfg.teacher.pretrained,
+                                               precision="fp32"), torch.device("cpu"))
+        if uses_quick_gelu(teacher.model) != bool(student.model_cfg.get("quick_gelu", False)):
+            # The student took teacher_quick_gelu's answer; a teacher built otherwise would make an
+            # OpenCLIP model whose one quick_gelu flag is wrong for one of its towers.
+            raise RuntimeError(f"teacher {cfg.teacher.arch}: its built activation disagrees with its config's")
+        text_state, text_cfg = teacher.text_tower_state()
+    state, model_cfg = student.openclip_state(text_state, text_cfg)
+    provenance = {"source": str(ckpt_dir / tag), "tag": tag, "step": step_of(tag), "run": cfg.name,
+                  "student_text": student.text_mode, "teacher": cfg.teacher.arch,
+                  "teacher_pretrained": cfg.teacher.pretrained}
+    return save_openclip_dir(state, model_cfg, student_preprocess_cfg(student.model_cfg), out, extra=provenance)
+
+
+def main(argv: Sequence[str]) -> int:
+    parser = argparse.ArgumentParser(prog="python -m dime_ds.export", description=__doc__.split("\n\n")[0])
+    parser.add_argument("checkpoint", help="run directory, checkpoint directory or tag directory")
+    parser.add_argument("out_dir", help="the OpenCLIP model directory to write")
+    parser.add_argument("--tag", default=None, help="checkpoint tag (default: the newest, DeepSpeed's `latest`)")
+    parser.add_argument("--force", action="store_true", help="overwrite the model files of a non-empty out_dir")
+    args = parser.parse_args(argv)
+    out = export_student(args.checkpoint, args.out_dir, args.tag, args.force)
+    from dime_ds.models import read_openclip_dir
+
+    source = read_openclip_dir(out)["dime_ds"]
+    print(f"exported {source['source']} (step {source['step']}) to {out}\n"
+          f"load it with OpenCLIP alone:\n"
+          f"  model, _, preprocess = open_clip.create_model_and_transforms('local-dir:{out}')\n"
+          f"  tokenizer = open_clip.get_tokenizer('local-dir:{out}')")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_entry(main))

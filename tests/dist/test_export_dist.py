@@ -1,0 +1,67 @@
+"""Consolidation on 2 gloo ranks, ZeRO 0 (bf16, no ZeRO) to 3 and ZeRO-1 under BF16_Optimizer: the
+fp32 state read back from the checkpoint shards by one process without a process group equals the
+fp32 master weights the ranks gathered at the end of training (final/student.safetensors), bit for
+bit, and neither is the bf16 module copy."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from dime_ds.config import load_config
+from dime_ds.engine.consolidate import fp32_state_dict, load_student
+from dime_ds.engine.ds_config import ds_config_path
+from tests.conftest import engine_overrides
+from tests.dist.harness import run_ranks
+
+pytestmark = pytest.mark.slow
+
+
+def _train(rank, world_size, overrides):
+    from dime_ds.engine.run import run_training
+
+    return run_training(load_config(overrides))
+
+
+def _bf16_optimizer_config(tmp_path) -> str:
+    """ZeRO-1 with fp32 gradient accumulation: DeepSpeed's BF16_Optimizer, another shard layout."""
+    cfg = json.loads(ds_config_path("zero1").read_text())
+    cfg["data_types"] = {"grad_accum_dtype": "fp32"}
+    (tmp_path / "zero1_fp32_accum.json").write_text(json.dumps(cfg))
+    return str(tmp_path / "zero1_fp32_accum.json")
+
+
+# student.text=own covers its [1]-shaped logit scale, partitioned under ZeRO-3.
+@pytest.mark.parametrize("ds_config, text", [("zero0", "teacher"), ("zero1", "own"), ("zero1_fp32_accum", "teacher"),
+                                             ("zero2", "teacher"), ("zero3", "own")])
+def test_consolidated_fp32_equals_the_masters_gathered_in_training(tmp_path, tiny_world, tiny_teacher_dir,
+                                                                   ds_config, text):
+    ds_json = _bf16_optimizer_config(tmp_path) if ds_config == "zero1_fp32_accum" else ds_config
+    overrides = engine_overrides(tmp_path, tiny_world, tiny_teacher_dir, f"dist.ds_config={ds_json}",
+                                 f"student.text={text}")
+    summaries = run_ranks(_train, 2, overrides, timeout=300)
+    assert [s["status"] for s in summaries] == ["completed", "completed"]
+    run_dir = tmp_path / "runs" / "demo"
+    masters = load_file(str(run_dir / "final" / "student.safetensors"))
+
+    state = fp32_state_dict(run_dir / "checkpoints")
+    assert state.keys() == masters.keys()
+    for key, value in masters.items():
+        assert state[key].dtype == torch.float32 and torch.equal(state[key], value), key
+    # bf16 weights cast to fp32 are bf16-representable; trained fp32 masters are not.
+    representable = [k for k, v in masters.items() if torch.equal(v, v.bfloat16().float())]
+    assert len(representable) < len(masters) / 10, representable
+    if ds_config != "zero3":  # and they are the masters of the weights the module trained with (unpartitioned below ZeRO-3)
+        states = torch.load(run_dir / "checkpoints" / "step_00000003" / "mp_rank_00_model_states.pt",
+                            map_location="cpu", weights_only=False)  # written by this test's own run
+        for key, value in states["module"].items():
+            assert value.dtype == torch.bfloat16 and torch.equal(masters[key].bfloat16(), value), key
+
+    student, cfg = load_student(run_dir)
+    assert cfg.dist.ds_config == ds_json and student.text_mode == text
+    for key, value in student.state_dict().items():
+        assert torch.equal(value, masters[key]), key
+    if text == "own":
+        assert student.logit_scale.shape == (1,)
