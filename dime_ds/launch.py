@@ -136,6 +136,10 @@ def _override_value(value) -> str:
 def plan(args: argparse.Namespace) -> dict:
     """Everything the launch needs, resolved from the config and the flags; no side effects."""
     stage, overrides = split_stage(args.overrides)
+    if stage == "eval":  # its model=/pretrained=/suite= shorthands, so that this config composes too
+        from dime_ds.eval.__main__ import expand_aliases
+
+        overrides = expand_aliases(overrides)
     flags = {key: getattr(args, flag) for flag, key in FLAG_KEYS.items() if getattr(args, flag) is not None}
     overrides += [f"slurm.{key}={_override_value(v)}" for key, v in flags.items()]  # the flag wins
     cfg = load_config(overrides)

@@ -62,4 +62,4 @@ def engine_overrides(work_dir, world_dir, teacher_dir, *extra: str) -> list[str]
     return ["experiment=demo", f"work_dir={work_dir}", f"data.root={world_dir}", f"data.texts={world_dir}/texts",
             f"teacher.arch=local-dir:{teacher_dir}", "optim.steps=3", "optim.warmup_steps=1",
             "optim.global_batch_size=16", "data.workers=0", "data.shuffle_buffer=8", "log.progress=false",
-            "log.every_n_steps=1", "eval.every_n_steps=0", "ckpt.every_n_steps=0", *extra]
+            "log.every_n_steps=1", "eval.every_n_steps=0", "eval.workers=0", "ckpt.every_n_steps=0", *extra]

@@ -126,18 +126,50 @@ class MatchConfig:
 
 @dataclass
 class EvalDatasetConfig:
-    path: str = MISSING  # ImageFolder directory or webdataset shards with cls/txt
+    # A dataset directory: webdataset shards (`cls` labels or `txt` captions, one per line) or an
+    # ImageFolder tree (one subdirectory per class); split subdirectories (test/, train/) are used
+    # when present.
+    path: str = MISSING
     task: str = "zeroshot"  # zeroshot | retrieval | linear_probe
-    classnames: Optional[str] = None  # file with one class name per line; default: next to the data
-    templates: Optional[str] = None  # named template set or file; default: CLIP's ImageNet templates
+    split: str = "test"  # subdirectory evaluated when it exists, else the directory itself
+    train_split: str = "train"  # linear probe: subdirectory the classifier is fit on
+    # Built-in set (imagenet) or a file, one name per line; default: classnames.txt beside the data,
+    # else the ImageFolder's directory names.
+    classnames: Optional[str] = None
+    # Built-in set (openai_imagenet, simple_imagenet, simple) or a file with one `{}` template per line;
+    # default: templates.txt / zeroshot_classification_templates.txt beside the data, else openai_imagenet.
+    templates: Optional[str] = None
+
+
+@dataclass
+class LinearProbeConfig:
+    """Logistic regression on frozen, L2-normalised image features (CLIP / ELEVATER protocol)."""
+
+    reg: List[float] = field(default_factory=lambda: [1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0])  # L2 strengths swept
+    val_fraction: float = 0.2  # share of the train split held out to choose the L2 strength
+    test_fraction: float = 0.5  # a dataset with no train split is split in two, this share tested
+    max_iter: int = 500  # L-BFGS iterations per fit
 
 
 @dataclass
 class EvalConfig:
     suite: str = "synthetic"
+    root: str = "${work_dir}/eval_data"  # where suite configs look for their datasets
     datasets: Dict[str, EvalDatasetConfig] = field(default_factory=dict)
     every_n_steps: int = 0  # periodic eval during distillation; 0 = off
+    periodic_tasks: List[str] = field(default_factory=lambda: ["zeroshot", "retrieval"])  # tasks run during training
     batch_size: int = 256
+    workers: int = 2  # image decoding processes per rank
+    precision: str = "auto"  # auto: fp16 on GPU, fp32 on CPU | bf16 | fp16 | fp32
+    probe: LinearProbeConfig = field(default_factory=LinearProbeConfig)
+    # `python -m dime_ds.eval model=... [teacher=...]`: a dime_ds run or checkpoint directory, an
+    # exported OpenCLIP directory, local-dir:/hf-hub:, or an OpenCLIP architecture with eval.pretrained.
+    model: Optional[str] = None
+    pretrained: Optional[str] = None
+    # auto: the run's own teacher when eval.model is a dime_ds checkpoint | none | a model as above.
+    teacher: Optional[str] = "auto"
+    teacher_pretrained: Optional[str] = None
+    out_dir: Optional[str] = None  # reports; null: <run dir>/eval for a checkpoint, else ${work_dir}/eval
 
 
 @dataclass

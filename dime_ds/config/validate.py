@@ -24,21 +24,24 @@ CHOICES = {
     "dist.backend": ("auto", "nccl", "gloo"),
     "match.index": ("flat", "ivf"),
     "match.stage": ("embed", "match", "all"),
+    "eval.precision": ("auto", "bf16", "fp16", "fp32"),
 }
+EVAL_TASKS = ("zeroshot", "retrieval", "linear_probe")
 
 POSITIVE = (
     "loss.t_vl", "loss.t_pvl", "loss.t_ud", "loss.scale", "optim.lr", "optim.steps",
     "optim.global_batch_size", "optim.grad_accum", "optim.eps", "log.every_n_steps",
     "ckpt.keep_last", "match.topk", "match.block_size", "match.batch_size", "eval.batch_size",
+    "eval.probe.max_iter",
     "data.synthetic.image_size", "data.synthetic.shard_size", "slurm.nodes",
 )
 NON_NEGATIVE = (
     "loss.w_vl", "loss.w_pvl", "loss.w_ud", "optim.weight_decay", "optim.warmup_steps",
     "optim.min_lr", "optim.grad_clip", "ckpt.every_n_steps", "eval.every_n_steps",
-    "data.workers", "slurm.gpus_per_node",
+    "data.workers", "eval.workers", "slurm.gpus_per_node",
 )
 FRACTIONS = ("match.stop_ratio", "data.crop_scale_min", "data.synthetic.describing_fraction",
-             "data.synthetic.second_object_p")
+             "data.synthetic.second_object_p", "eval.probe.val_fraction", "eval.probe.test_fraction")
 
 
 def _get(cfg: DictConfig, key: str):
@@ -103,6 +106,14 @@ def validate(cfg: DictConfig) -> None:
         missing = [k for k in ("embed_dim", "vision_cfg", "text_cfg") if k not in cfg.student.model_cfg]
         if missing:
             errors.append(f"student.model_cfg lacks {', '.join(missing)} (an OpenCLIP model config)")
+    for name, ds in cfg.eval.datasets.items():
+        if ds.task not in EVAL_TASKS:
+            errors.append(f"eval.datasets.{name}.task={ds.task!r} is not one of: {', '.join(EVAL_TASKS)}")
+    bad_tasks = [t for t in cfg.eval.periodic_tasks if t not in EVAL_TASKS]
+    if bad_tasks:
+        errors.append(f"eval.periodic_tasks has {bad_tasks}; allowed: {', '.join(EVAL_TASKS)}")
+    if not cfg.eval.probe.reg or any(r < 0 for r in cfg.eval.probe.reg):
+        errors.append(f"eval.probe.reg={list(cfg.eval.probe.reg)} must be a non-empty list of L2 strengths >= 0")
     if errors:
         raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(errors))
 

@@ -14,6 +14,7 @@ can be regenerated alone and nothing depends on shard size. `write_world` writes
 - `paired/`       fresh scenes with captions (jpg + txt + json), for a teacher or a CLIP baseline.
 - `eval/shape/`, `eval/colour/`  single-object images, class-balanced (label = index mod classes),
                   jpg + cls + json, and classnames.txt.
+- `eval/captions/` fresh scenes with two captions each (txt, one per line): image-text retrieval.
 - `world.json`    config, counts, class names, shards with sha256; written last, so it marks a
                   complete world.
 
@@ -39,7 +40,7 @@ from tqdm import tqdm
 
 from dime_ds.data.shards import ShardWriter, sha256_file
 
-FORMAT_VERSION = 3  # 2: eval sets carry templates.txt; 3: shape prompts name colours
+FORMAT_VERSION = 4  # 2: eval sets carry templates.txt; 3: shape prompts name colours; 4: eval/captions
 JPEG_QUALITY = 90
 
 SHAPES = ("circle", "square", "triangle", "star", "cross", "diamond", "hexagon", "ring")
@@ -65,7 +66,7 @@ SUPERSAMPLE = 4  # shapes are drawn at 4x and box-filtered down: smooth edges
 HELD_OUT = frozenset((shape, COLOUR_NAMES[(i + 3) % len(COLOUR_NAMES)]) for i, shape in enumerate(SHAPES))
 
 # Split ids of the per-sample seeds; TEXT_PLAN seeds the corpus layout (kinds, targets, order).
-SPLIT_IDS = {"images": 0, "texts": 1, "paired": 2, "eval_shape": 3, "eval_colour": 4, "text_plan": 5}
+SPLIT_IDS = {"images": 0, "texts": 1, "paired": 2, "eval_shape": 3, "eval_colour": 4, "text_plan": 5, "eval_captions": 6}
 CONFIG_FIELDS = {
     "seed": int, "image_size": int, "n_images": int, "n_texts": int, "describing_fraction": float,
     "n_paired": int, "n_eval": int, "shard_size": int, "second_object_p": float,
@@ -372,6 +373,19 @@ def _paired_samples(c: dict) -> Iterator[Sample]:
         yield f"pair-{i:07d}", {"jpg": jpg, "txt": text.encode("utf-8"), "json": _json_bytes(scene)}
 
 
+def _caption_samples(c: dict) -> Iterator[Sample]:
+    """Fresh scenes, each with two differently phrased captions (one per line): retrieval."""
+    for i in range(c["n_eval"]):
+        rng = sample_rng(c["seed"], "eval_captions", i)
+        scene = sample_scene(rng, c["second_object_p"])
+        jpg = encode_jpeg(render_scene(scene, c["image_size"], rng))
+        text = "\n".join(caption(scene, rng) for _ in range(CAPTIONS_PER_IMAGE))
+        yield f"captions-{i:07d}", {"jpg": jpg, "txt": text.encode("utf-8"), "json": _json_bytes(scene)}
+
+
+CAPTIONS_PER_IMAGE = 2
+
+
 def _eval_samples(c: dict, task: str) -> Iterator[Sample]:
     classnames = EVAL_CLASSNAMES[task]
     for i in range(c["n_eval"]):
@@ -400,6 +414,7 @@ _SPLITS: dict[str, tuple[str, str, Callable[[dict], Iterator[Sample]]]] = {
     "paired": ("paired", "n_paired", _paired_samples),
     "eval_shape": ("eval/shape", "n_eval", lambda c: _eval_samples(c, "shape")),
     "eval_colour": ("eval/colour", "n_eval", lambda c: _eval_samples(c, "colour")),
+    "eval_captions": ("eval/captions", "n_eval", _caption_samples),
 }
 
 

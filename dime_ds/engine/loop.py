@@ -27,7 +27,8 @@ from dime_ds.engine.ds_config import build_ds_config, student_precision
 from dime_ds.engine.param_groups import param_groups
 from dime_ds.engine.schedule import lr_at
 from dime_ds.engine.teacher_source import TeacherSource
-from dime_ds.eval.suite import evaluate_suite
+from dime_ds.eval.features import Encoder
+from dime_ds.eval.suite import evaluate_suite, headline
 from dime_ds.log.tensorboard import TBWriter
 from dime_ds.losses.dime import clip_loss, dime_loss, reduce_for_logging
 from dime_ds.models import build_run_student, student_preprocess_cfg, student_tokenizer
@@ -226,36 +227,39 @@ class Trainer:
     # ------------------------------------------------------------------ eval
     @torch.no_grad()
     def evaluate(self, step: int) -> dict:
-        """Zero-shot on the eval datasets, student (and once, the teacher); every rank runs it since a
-        ZeRO-3 student needs all ranks for its forward; rank 0 logs."""
+        """The eval datasets of `eval.periodic_tasks`, student (and once, the teacher); every rank takes
+        a share of the features; rank 0 logs to TensorBoard."""
         if not self.cfg.eval.datasets:
             return {}
         if not self.has_text and (self.teacher is None or self.teacher.teacher is None):
             log.warning("no text tower to build zero-shot classifiers with (cached teacher); eval skipped")
             return {}
         self.engine.eval()
-        encode_image = lambda x: self.engine(x.to(self.device, self.dtype), None)[0].float()  # noqa: E731
         if self.has_text:
-            encode_text, tokenize = (lambda t: self.engine(None, t.to(self.device))[1].float()), self.student_tokenize
+            encode_text, tokenize = (lambda t: self.engine(None, t)[1]), self.student_tokenize
         else:
-            encode_text = lambda t: self.teacher.embed(None, t)[1]  # noqa: E731
-            tokenize = self.teacher.tokenizer
-        results = {"student": evaluate_suite(encode_image, encode_text, tokenize, self.student_preprocess,
-                                             self.cfg.eval, self.device)}
+            encode_text, tokenize = (lambda t: self.teacher.embed(None, t)[1]), self.teacher.tokenizer
+        student = Encoder("student", lambda x: self.engine(x, None)[0], encode_text, tokenize,
+                          self.student_preprocess, self.device, self.dtype)
+        # Every rank forwards the same number of batches: a ZeRO-3 forward is collective.
+        opts = dict(tasks=self.cfg.eval.periodic_tasks, lockstep=C.is_distributed(), progress=self.cfg.log.progress)
+        results = {"student": evaluate_suite(student, self.cfg.eval, **opts)}
         if self.teacher is not None and self.teacher.teacher is not None:
-            if self._teacher_eval is None:
-                self._teacher_eval = evaluate_suite(
-                    lambda x: self.teacher.embed(x, None)[0], lambda t: self.teacher.embed(None, t)[1],
-                    self.teacher.tokenizer, self.teacher.preprocess_cfg, self.cfg.eval, self.device)
+            if self._teacher_eval is None:  # a frozen teacher scores the same every time
+                teacher = Encoder("teacher", lambda x: self.teacher.embed(x, None)[0],
+                                  lambda t: self.teacher.embed(None, t)[1], self.teacher.tokenizer,
+                                  self.teacher.preprocess_cfg, self.device, torch.float32)
+                self._teacher_eval = evaluate_suite(teacher, self.cfg.eval, **opts)
             results["teacher"] = self._teacher_eval
         self.engine.train()
         if self.world.rank == 0:
-            log.info("step %d zero-shot top-1: %s", step, "  ".join(
-                f"{model}/{name}={100 * m['top1']:.1f}%" for model, per_set in results.items()
-                for name, m in per_set.items() if not m.get("missing")))
+            log.info("step %d eval: %s", step, "  ".join(
+                f"{model}/{name} {label}={100 * value:.1f}%" for model, per_set in results.items()
+                for name, m in per_set.items() for _, label, value in headline(m) if isinstance(value, float)))
         for model, per_set in results.items():
-            self.tb.scalars({f"zeroshot_{model}/{name}": m["top1"] for name, m in per_set.items()
-                             if not m.get("missing")}, step)
+            self.tb.scalars({f"{m['task']}_{model}/{name}" + ("" if key == "top1" else f"_{key}"): value
+                             for name, m in per_set.items() for key, _, value in headline(m)
+                             if isinstance(value, float)}, step)
         if getattr(self, "_last", None) is not None:
             t_img, t_txt, s_img, s_txt = (F.normalize(x[:16], dim=-1) for x in self._last)
             self.tb.similarity_image("similarity/teacher_vs_student", t_img @ t_txt.t(), s_img @ s_txt.t(), step)

@@ -1,1 +1,2 @@
-"""Evaluation: zero-shot classification (retrieval and linear probe to come)."""
+"""Evaluation: zero-shot classification, image-text retrieval, linear probe; suites as configs;
+`python -m dime_ds.eval` compares models side by side."""

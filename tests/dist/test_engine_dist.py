@@ -27,7 +27,8 @@ def zero_runs(tmp_path_factory, tiny_world, tiny_teacher_dir):
     for stage in (1, 2, 3):
         work = tmp_path_factory.mktemp(f"zero{stage}")
         summaries = run_ranks(_train, 2, engine_overrides(work, tiny_world, tiny_teacher_dir,
-                                                          f"dist.ds_config=zero{stage}"), timeout=300)
+                                                          f"dist.ds_config=zero{stage}", "eval.every_n_steps=3"),
+                              timeout=300)
         runs[stage] = (summaries, load_file(str(work / "runs" / "demo" / "final" / "student.safetensors")))
     return runs
 
@@ -40,6 +41,11 @@ def test_zero_stage_trains_a_tiny_student_on_two_ranks(zero_runs, stage):
     assert summaries[0]["loss"] == summaries[1]["loss"]  # logged losses are reduced over ranks
     assert math.isfinite(summaries[0]["loss"]["loss/total"])
     assert "image_proj.weight" in weights and weights["image_proj.weight"].shape == (32, 64)
+    # Periodic eval with each rank extracting its share (in lockstep: ZeRO-3 forwards are collective)
+    evals = [s["eval"] for s in summaries]
+    assert evals[0] == evals[1]
+    assert evals[0]["student"]["shape"]["n"] == 32 and evals[0]["student"]["captions"]["texts"] == 64
+    assert set(evals[0]) == {"student", "teacher"} and "shape_probe" not in evals[0]["student"]
 
 
 def test_zero_stages_agree(zero_runs):
@@ -124,8 +130,11 @@ def test_corrupt_samples_are_skipped_counted_and_logged(tmp_path, tiny_world, ti
     for tag in ("loss/total", "loss/vl", "loss/pvl", "loss/ud", "optim/lr", "optim/grad_norm",
                 "perf/samples_per_s", "perf/teacher_s_per_step", "perf/student_s_per_step",
                 "data/skipped_images", "data/skipped_texts", "memory/host_max_rss_gb",
-                "zeroshot_student/shape", "zeroshot_teacher/colour"):
+                "zeroshot_student/shape", "zeroshot_teacher/colour", "retrieval_student/captions_image_to_text_R@1",
+                "retrieval_teacher/captions_text_to_image_R@1"):
         assert tag in scalars, tag
+    assert [e.step for e in events.Scalars("zeroshot_student/shape")] == [8, 16]
+    assert not any(t.startswith("linear_probe") for t in scalars)  # not in eval.periodic_tasks
     assert [e.step for e in events.Scalars("loss/total")] == [4, 8, 12, 16]
     assert events.Scalars("data/skipped_images")[-1].value >= 1
     assert "similarity/teacher_vs_student" in events.Tags()["images"]

@@ -26,14 +26,21 @@ def test_demo_end_to_end_then_reuses_teacher(tmp_path):
     first = _demo(tmp_path)
     assert first.returncode == 0, first.stderr[-3000:]
     assert "teacher trained in" in first.stdout
-    for row in ("teacher (CLIP loss, paired)", "student, DIME-FM (unpaired)", "student, from scratch (paired)"):
+    models = ("teacher (CLIP, paired)", "student DIME-FM (unpaired)", "student from scratch (paired)")
+    for column in models:
+        assert column in first.stdout
+    for row in ("zero-shot top-1", "image->text R@1", "linear probe top-1", "image params"):
         assert row in first.stdout
     results = json.loads((tmp_path / "runs" / "demo" / "demo_results.json").read_text())
-    evals = [results["teacher"], results["distilled"]["eval"]["student"], results["baseline"]["eval"]["student"]]
-    for per_set in evals:
+    assert list(results["eval"]) == list(models)
+    for per_set in results["eval"].values():
         for name in ("shape", "colour"):
             metrics = per_set[name]
             assert metrics["n"] == 16 and 0.0 <= metrics["top1"] <= metrics["top5"] <= 1.0
+        assert per_set["captions"]["images"] == 16 and per_set["captions"]["texts"] == 32
+        assert 0.0 <= per_set["shape_probe"]["top1"] <= 1.0
+    saved = json.loads((tmp_path / "runs" / "demo" / "eval" / "synthetic.json").read_text())
+    assert saved["results"] == results["eval"]
     for run in ("demo", "demo_baseline"):
         assert (tmp_path / "runs" / run / "config.yaml").is_file()
         assert (tmp_path / "runs" / run / "final" / "student.safetensors").is_file()

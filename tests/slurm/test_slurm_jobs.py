@@ -2,6 +2,7 @@
 and a preempted job that checkpoints, is requeued and resumes without repeating or skipping a step."""
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
@@ -71,6 +72,15 @@ def test_launch_distill_through_submitit(slurm_cluster, tmp_path, tiny_world, ti
     assert "rank 0/2" in err["0"] and "rank 1/2" in err["1"]
     assert _logged_steps(err["0"]) == [1, 2, 3]
     assert list((tmp_path / "runs" / "demo" / "tensorboard").glob("events.*"))
+
+    # The trained run evaluated by a 2-task job: each rank extracts half, rank 0 reports.
+    run_dir = tmp_path / "runs" / "demo"
+    ev = _launch(tmp_path, "eval", [f"model={run_dir}", "suite=synthetic", f"work_dir={tmp_path}",
+                                    f"data.root={tiny_world}", "log.progress=false", "eval.workers=0", "device=cpu"])
+    assert ev.returncode == 0, f"{ev.stdout}\n{ev.stderr}"
+    report = json.loads((run_dir / "eval" / "synthetic.json").read_text())["results"]
+    assert set(report) == {"teacher", "student"}
+    assert report["student"]["shape"]["n"] == 32 and report["teacher"]["captions"]["texts"] == 64
 
 
 def test_preempted_job_is_requeued_and_resumes_exactly(slurm_cluster, tmp_path, tiny_world, tiny_teacher_dir):

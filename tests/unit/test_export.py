@@ -244,3 +244,26 @@ def test_teacher_text_tower_state_fits_a_custom_text_clip(tmp_path, custom_text)
     with torch.no_grad():
         torch.testing.assert_close(custom.encode_text(tokens), teacher.encode_text(tokens))
 
+
+def test_eval_of_a_run_equals_eval_of_its_export(run_text_teacher, tiny_world, tmp_path, capsys):
+    """`python -m dime_ds.eval` on the run (student from its ZeRO checkpoint, teacher beside it) and on
+    the exported directory give the same figures: the export is the model that was evaluated."""
+    from dime_ds.eval.__main__ import main as eval_main
+
+    out = tmp_path / "exported"
+    assert _export(run_text_teacher, out) == 0
+    common = [f"data.root={tiny_world}", "log.progress=false", "eval.workers=0", f"work_dir={tmp_path}"]
+    assert run_entry(eval_main, [f"model={run_text_teacher}", "suite=synthetic", *common]) == 0
+    table = capsys.readouterr().out
+    assert "teacher" in table and "student" in table and "zero-shot top-1" in table
+    from_run = json.loads((run_text_teacher / "eval" / "synthetic.json").read_text())["results"]
+    assert set(from_run) == {"teacher", "student"}
+    assert run_entry(eval_main, [f"model={out}", "suite=synthetic", f"eval.out_dir={tmp_path / 'ev'}", *common]) == 0
+    from_export = json.loads((tmp_path / "ev" / "synthetic.json").read_text())["results"]["model"]
+    for name, metrics in from_run["student"].items():
+        if metrics["task"] == "linear_probe":  # an L-BFGS fit may turn on 1e-7 feature differences
+            continue
+        for key in ("top1", "top5", "image_to_text_R@1", "text_to_image_R@5"):
+            if key in metrics:
+                assert from_export[name][key] == pytest.approx(metrics[key], abs=1e-6), (name, key)
+    assert from_run["student"]["shape"]["n"] == 32 and from_run["student"]["captions"]["texts"] == 64

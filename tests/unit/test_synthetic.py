@@ -253,5 +253,12 @@ def test_cli_writes_world_and_prints_summary(tmp_path, capsys):
     overrides = [f"data.synthetic.{k}={v}" for k, v in TINY.items()]
     assert syn.main(["--out", str(tmp_path), *overrides]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
-    assert len(lines) == 5 and lines[0].startswith("images") and "40 samples" in lines[0]
+    assert len(lines) == 6 and lines[0].startswith("images") and "40 samples" in lines[0]
+    assert lines[5].startswith("eval_captions")
+    from dime_ds.data.pipelines import decode_sample, iter_tar_samples
+    from dime_ds.data.shards import list_shards
+
+    samples = [decode_sample(s) for s in iter_tar_samples(list_shards(str(tmp_path / "eval" / "captions")))]
+    assert len(samples) == TINY["n_eval"]
+    assert all(len(s["text"].splitlines()) == 2 and s["image"] for s in samples)  # two captions per image
     assert json.loads((tmp_path / "world.json").read_text())["config"] == TINY

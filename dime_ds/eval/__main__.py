@@ -1,0 +1,61 @@
+"""`python -m dime_ds.eval model=<what> [suite=<name>] [overrides]`: evaluate a model on a suite.
+
+    python -m dime_ds.eval model=work/runs/demo suite=synthetic          # student and its teacher
+    python -m dime_ds.eval model=exported/vitb32 eval.teacher=ViT-L-14 eval.teacher_pretrained=openai \\
+        suite=elevater eval.root=/datasets/elevater
+    python -m dime_ds.eval model=ViT-B-32 pretrained=openai suite=imagenet_robustness eval.root=/datasets
+
+`model=`, `pretrained=` and `suite=` are short for `eval.model=`, `eval.pretrained=` and the `eval=`
+config group. A dime_ds run/checkpoint is shown beside its own teacher (`eval.teacher=auto`);
+`eval.teacher=none` leaves it out. On several ranks (torchrun, srun, the launcher) every rank
+extracts a share of the features; rank 0 prints the table and writes <suite>.json and <suite>.md."""
+from __future__ import annotations
+
+import logging
+import re
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from dime_ds.cli import run_entry
+from dime_ds.config import load_config
+
+log = logging.getLogger("dime_ds.eval")
+ALIASES = {"model=": "eval.model=", "pretrained=": "eval.pretrained=", "suite=": "eval="}
+
+
+def expand_aliases(overrides: Sequence[str]) -> list[str]:
+    out = []
+    for o in overrides:
+        prefix = next((p for p in ALIASES if o.startswith(p)), None)
+        out.append(ALIASES[prefix] + o[len(prefix):] if prefix else o)
+    return out
+
+
+def default_out_dir(cfg) -> Path:
+    model = Path(cfg.eval.model).expanduser()
+    if (model / "config.yaml").is_file():  # a dime_ds run directory keeps its own evaluations
+        return model / "eval"
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "_", str(cfg.eval.model)).strip("_")[-80:]
+    return Path(cfg.work_dir) / "eval" / slug
+
+
+def main(overrides: Sequence[str]) -> int:
+    cfg = load_config(expand_aliases(overrides))
+    from dime_ds.dist.env import backend_for, device_for, init_distributed, world_info  # after validation
+    from dime_ds.eval.models import load_encoders
+    from dime_ds.eval.report import compare
+
+    world = world_info()
+    device = device_for(world, cfg.device)
+    if world.world_size > 1:
+        init_distributed(world, backend_for(device, cfg.dist.backend), cfg.dist.timeout_min)
+    encoders = load_encoders(cfg.eval, device)
+    out_dir = Path(cfg.eval.out_dir) if cfg.eval.out_dir else default_out_dir(cfg)
+    results = compare(encoders, cfg.eval, out_dir, progress=cfg.log.progress)
+    failed = any("error" in m for per in results.values() for m in per.values())
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_entry(main))

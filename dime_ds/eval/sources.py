@@ -1,0 +1,148 @@
+"""Evaluation data: one split of a dataset directory, read as webdataset shards (`cls` labels or
+`txt` captions, several captions one per line) or as an ImageFolder tree (one directory per class).
+Samples carry an order key, (shard, position) or (file,), so features extracted by any number of
+ranks and loader workers are put back in the order one process would read them."""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator
+
+import torch
+from PIL import Image
+
+from dime_ds.data.pipelines import IMAGE_EXTS, SampleError, decode_sample, iter_tar_samples
+from dime_ds.data.shards import list_shards
+
+log = logging.getLogger(__name__)
+FILE_SUFFIXES = tuple(f".{e}" for e in IMAGE_EXTS)
+SPLIT_NAMES = ("train", "val", "validation", "test")
+
+
+class EvalDataError(FileNotFoundError):
+    """A dataset directory that holds neither shards nor an ImageFolder tree."""
+
+
+@dataclass
+class EvalSplit:
+    """One split of an evaluation dataset; `meta_dir` holds classnames.txt / templates files."""
+
+    name: str
+    data_dir: Path
+    meta_dir: Path
+    format: str  # webdataset | imagefolder
+    shards: list[str] = field(default_factory=list)
+    files: list[tuple[str, int]] = field(default_factory=list)  # imagefolder: (path, label)
+    folder_classes: list[str] = field(default_factory=list)
+
+    def __len__(self) -> int:  # ImageFolder only: webdataset counts are learnt by reading
+        return len(self.files)
+
+
+def has_split(path: str | Path, split: str) -> bool:
+    return (Path(path) / split).is_dir()
+
+
+def open_split(path: str | Path, split: str) -> EvalSplit:
+    """`<path>/<split>` when it exists, else `<path>` itself; shards win over an ImageFolder tree."""
+    root = Path(path).expanduser()
+    data_dir = root / split if (root / split).is_dir() else root
+    if not data_dir.is_dir():
+        raise EvalDataError(f"{data_dir}: no such dataset directory")
+    others = sorted(d for d in SPLIT_NAMES if (root / d).is_dir())
+    if data_dir == root and others:  # never read a train/ directory as one class of an ImageFolder
+        raise EvalDataError(f"{root} has no {split}/ split (it has {', '.join(others)}/): set the dataset's "
+                            f"split (eval.datasets.<name>.split=...)")
+    if any(data_dir.glob("*.tar")):
+        return EvalSplit(split, data_dir, root, "webdataset", shards=list_shards(str(data_dir)))
+    classes = sorted(d.name for d in data_dir.iterdir() if d.is_dir())
+    files = [(str(f), label) for label, c in enumerate(classes)
+             for f in sorted((data_dir / c).rglob("*")) if f.suffix.lower() in FILE_SUFFIXES]
+    if not files:
+        raise EvalDataError(f"{data_dir}: neither *.tar shards nor an ImageFolder tree "
+                            f"(class subdirectories with {', '.join(IMAGE_EXTS)} images)")
+    return EvalSplit(split, data_dir, root, "imagefolder", files=files, folder_classes=classes)
+
+
+def iter_samples(split: EvalSplit, owner: Callable[[int, bool], bool], skipped: list) -> Iterator[dict]:
+    """Decoded samples {key, image, label?, captions?} that `owner(counter, shard_level)` assigns to
+    this reader. Undecodable samples are appended to `skipped` (with the reason) and left out."""
+    if split.format == "imagefolder":
+        for i, (path, label) in enumerate(split.files):
+            if not owner(i, False):
+                continue
+            try:
+                with Image.open(path) as img:
+                    yield {"key": (i,), "image": img.convert("RGB"), "label": label}
+            except Exception as err:  # a corrupt file is one skipped sample, not a failed evaluation
+                skipped.append(f"{path}: {type(err).__name__}: {err}")
+        return
+    shard_level = owner(-1, True)  # probe: does this reader split by shard?
+    counter = 0
+    for s, url in enumerate(split.shards):
+        if shard_level and not owner(s, True):
+            continue
+        for pos, raw in enumerate(iter_tar_samples([url])):
+            mine = owner(counter, False)
+            counter += 1
+            if not mine:
+                continue
+            try:
+                sample = decode_sample(raw)
+                if "image" not in sample:
+                    raise SampleError(f"sample {raw.get('__key__')} in {url}: no image")
+            except SampleError as err:
+                skipped.append(str(err))
+                continue
+            out = {"key": (s, pos), "image": sample["image"]}
+            if "cls" in sample:
+                out["label"] = sample["cls"]
+            if "text" in sample:
+                out["captions"] = [c.strip() for c in sample["text"].splitlines() if c.strip()]
+            yield out
+
+
+class Reader(torch.utils.data.IterableDataset):
+    """This rank's samples of a split, further divided among DataLoader workers. With at least as
+    many shards as ranks, each rank reads only its own shards; otherwise every rank reads all of
+    them and decodes every world-th sample."""
+
+    def __init__(self, split: EvalSplit, transform: Callable, rank: int, world: int, need: str | None = None):
+        self.split, self.transform, self.rank, self.world, self.need = split, transform, rank, world, need
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        by_shard = self.split.format == "webdataset" and len(self.split.shards) >= self.world
+
+        def owner(i: int, shard: bool) -> bool:
+            if i < 0:
+                return by_shard
+            if shard:
+                return i % self.world == self.rank
+            if by_shard:
+                return i % workers == worker
+            return i % (self.world * workers) == self.rank * workers + worker
+
+        skipped: list[str] = []
+        for sample in iter_samples(self.split, owner, skipped):
+            if self.need and not sample.get(self.need):  # a retrieval image without captions, say
+                skipped.append(f"sample {sample['key']} of {self.split.data_dir}: no {self.need}")
+                continue
+            sample["image"] = self.transform(sample["image"])
+            sample["skipped"], skipped = skipped, []
+            yield sample
+        if skipped:
+            yield {"skipped": skipped}
+
+
+def collate(samples: list[dict]) -> dict:
+    """Samples -> {keys, images, labels?, captions?, skipped}; entries that only report skips merge in."""
+    real = [s for s in samples if "image" in s]
+    out = {"keys": [s["key"] for s in real], "skipped": [m for s in samples for m in s.get("skipped", [])]}
+    if real:
+        out["images"] = torch.stack([s["image"] for s in real])
+        out["labels"] = torch.tensor([s.get("label", -1) for s in real])
+        out["captions"] = [s.get("captions", []) for s in real]
+    return out
