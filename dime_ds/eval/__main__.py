@@ -58,4 +58,4 @@ def main(overrides: Sequence[str]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(run_entry(main))
+    sys.exit(run_entry(main, usage=__doc__))

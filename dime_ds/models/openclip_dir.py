@@ -24,6 +24,7 @@ def save_openclip_dir(state_dict: Mapping[str, torch.Tensor], model_cfg: Mapping
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
     tmp = out / (WEIGHTS_NAME + ".tmp")
     save_file(tensors, str(tmp))
+    os.chmod(tmp, 0o666 & ~_umask())  # safetensors writes 0600; a shared model directory must be readable
     tmp.replace(out / WEIGHTS_NAME)
     config = {"model_cfg": dict(model_cfg), "preprocess_cfg": dict(preprocess_cfg)}
     if extra:
@@ -32,6 +33,12 @@ def save_openclip_dir(state_dict: Mapping[str, torch.Tensor], model_cfg: Mapping
     tmp.write_text(json.dumps(config, indent=2, sort_keys=True))
     tmp.replace(out / CONFIG_NAME)
     return out
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def read_openclip_dir(model_dir: str | os.PathLike) -> dict:

@@ -228,3 +228,9 @@ def test_eval_cli_reports_missing_dataset_and_refuses_bad_model(tiny_world, tiny
     assert "missing, skipped: colour" in run.stdout
     bad = subprocess.run([*common, f"model={tmp_path}/no/such/model"], capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "no/such/model" in bad.stderr and "Traceback" not in bad.stderr
+
+
+@pytest.mark.parametrize("module", ["dime_ds.eval", "dime_ds.distill"])
+def test_help_prints_usage_not_a_grammar_error(module):
+    run = subprocess.run([sys.executable, "-m", module, "--help"], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0 and f"python -m {module}" in run.stdout and "Hydra overrides" in run.stdout, run.stderr

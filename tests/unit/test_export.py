@@ -5,6 +5,7 @@ QuickGELU, as OpenAI's do, so a student built with the wrong activation would sh
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -147,6 +148,10 @@ def test_export_text_own_loads_in_plain_openclip(run_text_own, tmp_path):
     assert _export(run_text_own / "checkpoints", out) == 0
     plain, info = _plain_openclip(out, tmp_path)
     assert info["visual_act"] == info["text_act"] == ["GELU"]
+    mask = os.umask(0)
+    os.umask(mask)
+    for name in ("open_clip_model.safetensors", "open_clip_config.json"):  # shareable, as the umask allows
+        assert (out / name).stat().st_mode & 0o777 == 0o666 & ~mask, name
 
     student, _ = load_student(run_text_own)
     tokens = student_tokenizer(student)(TEXTS)
