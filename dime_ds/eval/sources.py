@@ -65,12 +65,14 @@ def open_split(path: str | Path, split: str) -> EvalSplit:
     return EvalSplit(split, data_dir, root, "imagefolder", files=files, folder_classes=classes)
 
 
-def iter_samples(split: EvalSplit, owner: Callable[[int, bool], bool], skipped: list) -> Iterator[dict]:
-    """Decoded samples {key, image, label?, captions?} that `owner(counter, shard_level)` assigns to
-    this reader. Undecodable samples are appended to `skipped` (with the reason) and left out."""
+def iter_samples(split: EvalSplit, shard_mine: Callable[[int], bool], sample_mine: Callable[[int], bool],
+                 skipped: list) -> Iterator[dict]:
+    """Decoded samples {key, image, label?, captions?} of the shards `shard_mine(shard index)` keeps
+    (ImageFolder: one pseudo-shard) whose running count over those shards `sample_mine` keeps.
+    Undecodable samples are appended to `skipped` (with the reason) and left out."""
     if split.format == "imagefolder":
         for i, (path, label) in enumerate(split.files):
-            if not owner(i, False):
+            if not sample_mine(i):
                 continue
             try:
                 with Image.open(path) as img:
@@ -78,13 +80,12 @@ def iter_samples(split: EvalSplit, owner: Callable[[int, bool], bool], skipped: 
             except Exception as err:  # a corrupt file is one skipped sample, not a failed evaluation
                 skipped.append(f"{path}: {type(err).__name__}: {err}")
         return
-    shard_level = owner(-1, True)  # probe: does this reader split by shard?
     counter = 0
     for s, url in enumerate(split.shards):
-        if shard_level and not owner(s, True):
+        if not shard_mine(s):
             continue
         for pos, raw in enumerate(iter_tar_samples([url])):
-            mine = owner(counter, False)
+            mine = sample_mine(counter)
             counter += 1
             if not mine:
                 continue
@@ -114,19 +115,14 @@ class Reader(torch.utils.data.IterableDataset):
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
-        by_shard = self.split.format == "webdataset" and len(self.split.shards) >= self.world
-
-        def owner(i: int, shard: bool) -> bool:
-            if i < 0:
-                return by_shard
-            if shard:
-                return i % self.world == self.rank
-            if by_shard:
-                return i % workers == worker
-            return i % (self.world * workers) == self.rank * workers + worker
-
+        if self.split.format == "webdataset" and len(self.split.shards) >= self.world:
+            shard_mine = lambda s: s % self.world == self.rank  # noqa: E731
+            sample_mine = lambda i: i % workers == worker  # noqa: E731
+        else:
+            shard_mine = lambda s: True  # noqa: E731
+            sample_mine = lambda i: i % (self.world * workers) == self.rank * workers + worker  # noqa: E731
         skipped: list[str] = []
-        for sample in iter_samples(self.split, owner, skipped):
+        for sample in iter_samples(self.split, shard_mine, sample_mine, skipped):
             if self.need and not sample.get(self.need):  # a retrieval image without captions, say
                 skipped.append(f"sample {sample['key']} of {self.split.data_dir}: no {self.need}")
                 continue

@@ -234,3 +234,25 @@ def test_eval_cli_reports_missing_dataset_and_refuses_bad_model(tiny_world, tiny
 def test_help_prints_usage_not_a_grammar_error(module):
     run = subprocess.run([sys.executable, "-m", module, "--help"], capture_output=True, text=True, timeout=120)
     assert run.returncode == 0 and f"python -m {module}" in run.stdout and "Hydra overrides" in run.stdout, run.stderr
+
+
+def test_corrupt_and_captionless_samples_are_skipped_and_counted(tmp_path):
+    from dime_ds.data.shards import ShardWriter
+    from dime_ds.eval.suite import evaluate_suite
+
+    data = write_retrieval_shards(tmp_path / "pairs", solid_colours(6), 6)
+    with ShardWriter(data, prefix="zz-bad", maxcount=10) as w:
+        w.write("corrupt", {"png": b"\x89PNG\r\n\x1a\n truncated", "txt": b"rgb 1 2 3", "cls": b"0"})
+        w.write("no-caption", {"png": _solid_png(), "cls": b"1"})
+    cfg = eval_cfg(pairs=(data, "retrieval"), labels=(data, "zeroshot"))
+    cfg.datasets["labels"].classnames = str(tmp_path / "names.txt")
+    (tmp_path / "names.txt").write_text("a\nb\nc\n")
+    res = evaluate_suite(colour_encoder(), cfg, progress=False)
+    assert res["pairs"]["images"] == 6 and res["pairs"]["skipped"] == 2  # corrupt + no caption
+    assert res["labels"]["n"] == 7 and res["labels"]["skipped"] == 1  # a caption is not needed there
+
+
+def _solid_png() -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8), (10, 20, 30)).save(buf, format="PNG")
+    return buf.getvalue()
