@@ -131,6 +131,7 @@ class EvalDatasetConfig:
     # when present.
     path: str = MISSING
     task: str = "zeroshot"  # zeroshot | retrieval | linear_probe
+    metric: str = "top1"  # classification headline: top1 | mean_per_class (ELEVATER's for some sets)
     split: str = "test"  # subdirectory evaluated when it exists, else the directory itself
     train_split: str = "train"  # linear probe: subdirectory the classifier is fit on
     # Built-in set (imagenet) or a file, one name per line; default: classnames.txt beside the data,

@@ -109,6 +109,8 @@ def validate(cfg: DictConfig) -> None:
     for name, ds in cfg.eval.datasets.items():
         if ds.task not in EVAL_TASKS:
             errors.append(f"eval.datasets.{name}.task={ds.task!r} is not one of: {', '.join(EVAL_TASKS)}")
+        if ds.metric not in ("top1", "mean_per_class"):
+            errors.append(f"eval.datasets.{name}.metric={ds.metric!r} is not one of: top1, mean_per_class")
     bad_tasks = [t for t in cfg.eval.periodic_tasks if t not in EVAL_TASKS]
     if bad_tasks:
         errors.append(f"eval.periodic_tasks has {bad_tasks}; allowed: {', '.join(EVAL_TASKS)}")

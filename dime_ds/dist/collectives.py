@@ -49,12 +49,12 @@ def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
 
 
 def reduce_scalar(value: float, op: str = "sum") -> float:
-    """A Python number reduced over ranks: op "sum" or "max" (e.g. counts, stop flags)."""
+    """A Python number reduced over ranks: op "sum", "max" or "min" (counts, stop flags, agreement)."""
     if not is_distributed() or world_size() == 1:
         return float(value)
     t = torch.tensor([float(value)], dtype=torch.float64)
     t = t.to(_comm_device(t))
-    dist.all_reduce(t, op={"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX}[op])
+    dist.all_reduce(t, op={"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}[op])
     return float(t.item())
 
 

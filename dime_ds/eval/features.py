@@ -4,6 +4,7 @@ L2-normalised fp32; captions (retrieval) are encoded on the rank that read their
 from __future__ import annotations
 
 import logging
+import tarfile
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -14,9 +15,12 @@ from tqdm import tqdm
 
 from dime_ds.data.pipelines import image_transform, preprocess_size
 from dime_ds.dist import collectives as C
-from dime_ds.eval.sources import EvalSplit, Reader, collate
+from dime_ds.data.pipelines import SampleError
+from dime_ds.eval.sources import EvalDataError, EvalSplit, Reader, collate
 
 log = logging.getLogger(__name__)
+# What reading a dataset can raise that is the data's fault (unreadable tar, I/O, bad file), not a bug.
+READ_ERRORS = (OSError, ValueError, tarfile.TarError, SampleError)
 
 
 @dataclass
@@ -58,8 +62,10 @@ def _has_more(batch, lockstep: bool) -> bool:
 
 @torch.no_grad()
 def extract(split: EvalSplit, encoder: Encoder, *, captions: bool = False, batch_size: int = 256,
-            workers: int = 0, lockstep: bool = False, progress: bool = True, desc: str = "") -> Features:
-    """Features of every sample of `split`, identical (up to float rounding) for any rank count."""
+            workers: int = 0, lockstep: bool = False, progress: bool = True, desc: str = "") -> Features | None:
+    """Features of every sample of `split`, identical (up to float rounding) for any rank count; on
+    rank 0 (other ranks get None: only rank 0 holds the gathered set). A read error on any rank is
+    raised on every rank, after all ranks have finished their collective calls."""
     rank, world = C.rank(), C.world_size()
     transform = image_transform(encoder.preprocess_cfg, train=False)
     reader = Reader(split, transform, rank, world, need="captions" if captions else None)
@@ -70,12 +76,15 @@ def extract(split: EvalSplit, encoder: Encoder, *, captions: bool = False, batch
     keys, image, labels, text, owner, skipped = [], [], [], [], [], []
     dummy_image = torch.zeros(1, 3, *preprocess_size(encoder.preprocess_cfg))
     dummy_text = ["a photo."]
-    batches = iter(loader)
+    batches, error = iter(loader), None
     while True:
-        batch = next(batches, None)
-        while batch is not None and "images" not in batch:  # a worker's report of skipped samples only
-            skipped += batch["skipped"]
+        try:
             batch = next(batches, None)
+            while batch is not None and "images" not in batch:  # a worker's report of skipped samples only
+                skipped += batch["skipped"]
+                batch = next(batches, None)
+        except READ_ERRORS as err:  # this rank stops reading, but keeps step with the others
+            error, batch, batches = f"{type(err).__name__}: {err}", None, iter(())
         if not _has_more(batch, lockstep):
             break
         if batch is None:  # lockstep: this rank is done, others are not; forward a dummy, keep nothing
@@ -94,9 +103,17 @@ def extract(split: EvalSplit, encoder: Encoder, *, captions: bool = False, batch
         keys += batch["keys"]
         bar.update(len(batch["keys"]))
     bar.close()
+    distributed = C.is_distributed()
+    # Agree before gathering: every rank raises the same error, and none waits for a rank that left.
+    errors = [e for e in (C.all_gather_object(error) if distributed else [error]) if e]
+    if errors:
+        raise EvalDataError(f"{split.data_dir}: {errors[0]}")
+    if (C.reduce_scalar(float(len(keys))) if distributed else len(keys)) == 0:
+        raise EvalDataError(f"{split.data_dir}: no samples (every sample was skipped, or the split is empty)")
     local = {"keys": keys, "image": _np(image), "labels": _np(labels, np.int64),
              "text": _np(text) if captions else None, "owner": np.asarray(owner, np.int64), "skipped": skipped}
-    return _merge(C.all_gather_object(local) if C.is_distributed() else [local], captions)
+    parts = C.gather_object_to_main(local) if distributed else [local]
+    return _merge(parts, captions) if parts is not None else None
 
 
 def _np(parts: list[torch.Tensor], dtype=np.float32) -> np.ndarray:
@@ -106,8 +123,6 @@ def _np(parts: list[torch.Tensor], dtype=np.float32) -> np.ndarray:
 def _merge(parts: list[dict], captions: bool) -> Features:
     """Rank shares -> one set of rows sorted by order key, caption owners renumbered to match."""
     keys = [k for p in parts for k in p["keys"]]
-    if not keys:
-        raise ValueError("evaluation got no samples: every sample was skipped or the split is empty")
     order = sorted(range(len(keys)), key=keys.__getitem__)
     new_row = np.empty(len(keys), np.int64)
     new_row[order] = np.arange(len(keys))

@@ -50,6 +50,11 @@ def accuracy(x: torch.Tensor, y: torch.Tensor, wb: tuple[torch.Tensor, torch.Ten
     return ((x @ wb[0] + wb[1]).argmax(dim=1) == y).float().mean().item()
 
 
+def mean_per_class(x: torch.Tensor, y: torch.Tensor, wb: tuple[torch.Tensor, torch.Tensor]) -> float:
+    hit = (x @ wb[0] + wb[1]).argmax(dim=1) == y
+    return torch.stack([hit[y == c].float().mean() for c in y.unique()]).mean().item()
+
+
 def linear_probe(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, test_y: torch.Tensor,
                  regs: Sequence[float], val_fraction: float = 0.2, max_iter: int = 500,
                  device: torch.device | str = "cpu") -> dict:
@@ -71,7 +76,8 @@ def linear_probe(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Ten
         # Ties go to the stronger regularisation: the simpler classifier.
         best = max(sweep, key=lambda r: (sweep[r], r))
     wb = fit_logistic(x, y, n_classes, best, max_iter)
-    top1 = accuracy(test_x.to(device, torch.float32), test_y.to(device), wb)
+    tx, ty = test_x.to(device, torch.float32), test_y.to(device)
+    top1 = accuracy(tx, ty, wb)
     log.info("linear probe: L2 %.0e chosen, test top-1 %.1f %%", best, 100 * top1)
-    return {"top1": top1, "reg": best, "val_top1": sweep.get(best), "sweep": sweep,
+    return {"top1": top1, "mean_per_class": mean_per_class(tx, ty, wb), "reg": best, "val_top1": sweep.get(best), "sweep": sweep,
             "train": int(len(train_y)), "test": int(len(test_y)), "classes": n_classes}

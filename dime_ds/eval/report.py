@@ -19,10 +19,11 @@ def _cell(value) -> str:
 
 
 def table_rows(results: Mapping[str, Mapping[str, dict]], extra_rows: Sequence[Sequence] = ()) -> tuple[list[str], list[list]]:
-    """(header, rows) of percentages; `results` is {model: {dataset: metrics}}."""
+    """(header, rows) of percentages; `results` is {model: {dataset: metrics}}. Task means average
+    each dataset's headline metric (ELEVATER's way: mean per-class where a set uses it)."""
     models = list(results)
     datasets = list(dict.fromkeys(d for per in results.values() for d in per))
-    rows, means = [], {}
+    rows, means, mean_labels = [], {}, {}
     for dataset in datasets:
         per_model = [results[m].get(dataset) for m in models]
         first = next(p for p in per_model if p is not None)
@@ -30,9 +31,13 @@ def table_rows(results: Mapping[str, Mapping[str, dict]], extra_rows: Sequence[S
             values = [headline(p)[i][2] if p is not None else "" for p in per_model]
             rows.append([dataset, label, *[_cell(v) for v in values]])
             if all(isinstance(v, float) for v in values):
-                means.setdefault(label, []).append(values)
-    for label, lists in means.items():
+                group = label if first["task"] == "retrieval" else first["task"]
+                means.setdefault(group, []).append(values)
+                mean_labels.setdefault(group, set()).add(label)
+    for group, lists in means.items():
         if len(lists) > 1:
+            labels = mean_labels[group]
+            label = next(iter(labels)) if len(labels) == 1 else f"{group.replace('_', ' ')}, each set's metric"
             rows.append([f"mean of {len(lists)}", label, *[_cell(sum(col) / len(col)) for col in zip(*lists)]])
     rows += [list(r) for r in extra_rows]
     return ["dataset", "metric (%)", *models], rows

@@ -41,11 +41,18 @@ class EvalSplit:
 
 
 def has_split(path: str | Path, split: str) -> bool:
-    return (Path(path) / split).is_dir()
+    return (Path(path).expanduser() / split).is_dir()
 
 
-def open_split(path: str | Path, split: str) -> EvalSplit:
-    """`<path>/<split>` when it exists, else `<path>` itself; shards win over an ImageFolder tree."""
+def _folder_order(name: str) -> tuple:
+    """Numbered class folders (ImageNet-V2's 0..999) sort as numbers, others as text."""
+    return (0, int(name), "") if name.isdigit() else (1, 0, name)
+
+
+def open_split(path: str | Path, split: str, classes: list[str] | None = None) -> EvalSplit:
+    """`<path>/<split>` when it exists, else `<path>` itself; shards win over an ImageFolder tree.
+    `classes`: an ImageFolder's folder names to label by (a train split's), so that a test split
+    lacking a class keeps the train split's labels."""
     root = Path(path).expanduser()
     data_dir = root / split if (root / split).is_dir() else root
     if not data_dir.is_dir():
@@ -56,8 +63,12 @@ def open_split(path: str | Path, split: str) -> EvalSplit:
                             f"split (eval.datasets.<name>.split=...)")
     if any(data_dir.glob("*.tar")):
         return EvalSplit(split, data_dir, root, "webdataset", shards=list_shards(str(data_dir)))
-    classes = sorted(d.name for d in data_dir.iterdir() if d.is_dir())
-    files = [(str(f), label) for label, c in enumerate(classes)
+    found = sorted((d.name for d in data_dir.iterdir() if d.is_dir()), key=_folder_order)
+    if classes is not None and set(found) - set(classes):
+        raise EvalDataError(f"{data_dir}: class folders {sorted(set(found) - set(classes))[:5]} are not among "
+                            f"the training split's classes")
+    classes = list(classes) if classes is not None else found
+    files = [(str(f), classes.index(c)) for c in found
              for f in sorted((data_dir / c).rglob("*")) if f.suffix.lower() in FILE_SUFFIXES]
     if not files:
         raise EvalDataError(f"{data_dir}: neither *.tar shards nor an ImageFolder tree "

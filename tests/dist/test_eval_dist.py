@@ -29,6 +29,8 @@ def extract_counting(rank, world, path, captions, workers, lockstep):
     enc.encode_image, enc.encode_text = count_image, count_text
     f = extract(open_split(path, "test"), enc, captions=captions, batch_size=4, workers=workers,
                 lockstep=lockstep, progress=False)
+    if f is None:  # only rank 0 holds the gathered features
+        return None, None, None, None, calls
     return f.image, f.labels, f.text, f.text_owner, calls
 
 
@@ -46,9 +48,10 @@ def test_two_ranks_equal_one_process(data, layout):
     ref = extract_counting(0, 1, data[layout], True, 0, False)
     # harness ranks are daemonic, so no loader workers here; test_eval covers workers in one process
     ranks = run_ranks(extract_counting, 2, data[layout], True, 0, True, timeout=120)
-    for image, labels, text, owner, _ in ranks:
-        assert torch.equal(image, ref[0]) and torch.equal(labels, ref[1])
-        assert torch.equal(text, ref[2]) and torch.equal(owner, ref[3])
+    image, labels, text, owner, _ = ranks[0]
+    assert torch.equal(image, ref[0]) and torch.equal(labels, ref[1])
+    assert torch.equal(text, ref[2]) and torch.equal(owner, ref[3])
+    assert ranks[1][0] is None
     assert len(ref[0]) == 23 and len(ref[2]) == 46
     # lockstep: 3 shards over 2 ranks is 14 vs 9 samples, yet both ranks forward as often
     assert ranks[0][4] == ranks[1][4]
@@ -58,6 +61,35 @@ def test_two_ranks_imagefolder(data, tiny_world):
     folder = shards_to_imagefolder(tiny_world / "eval" / "colour", data["root"] / "folder",
                                    (tiny_world / "eval" / "colour" / "classnames.txt").read_text().split())
     ref = extract_counting(0, 1, folder, False, 0, False)
-    for image, labels, *_ in run_ranks(extract_counting, 2, folder, False, 0, False, timeout=120):
-        assert torch.equal(image, ref[0]) and torch.equal(labels, ref[1])
+    image, labels, *_ = run_ranks(extract_counting, 2, folder, False, 0, False, timeout=120)[0]
+    assert torch.equal(image, ref[0]) and torch.equal(labels, ref[1])
     assert len(ref[1]) == 32 and sorted(set(ref[1].tolist())) == list(range(8))
+
+
+def _suite_with_a_bad_shard_on_one_rank(rank, world, good, bad, lockstep):
+    from omegaconf import OmegaConf
+
+    from dime_ds.config.schema import EvalConfig, EvalDatasetConfig
+    from dime_ds.eval.suite import evaluate_suite
+
+    cfg = OmegaConf.structured(EvalConfig(batch_size=4, workers=0))
+    cfg.datasets["bad"] = EvalDatasetConfig(path=str(bad), task="retrieval")
+    cfg.datasets["good"] = EvalDatasetConfig(path=str(good), task="retrieval")
+    cfg.datasets["gone"] = EvalDatasetConfig(path=str(good) + "_missing", task="retrieval")
+    return evaluate_suite(colour_encoder(), cfg, lockstep=lockstep, progress=False)
+
+
+@pytest.mark.parametrize("lockstep", [False, True])
+def test_unreadable_shard_read_by_one_rank_is_reported_by_all(data, lockstep):
+    """Shard 2 of 3 is garbage and only rank 0 reads it: every rank reports the same error, nobody
+    hangs, the next dataset is evaluated whole and equal on both ranks."""
+    import shutil
+
+    bad = data["root"] / f"bad_{lockstep}"
+    shutil.copytree(data["three_shards"], bad)
+    shards = sorted(bad.glob("*.tar"))
+    shards[2].write_bytes(b"this is not a tar file" * 100)
+    ranks = run_ranks(_suite_with_a_bad_shard_on_one_rank, 2, data["three_shards"], bad, lockstep, timeout=120)
+    assert ranks[0] == ranks[1]
+    assert "error" in ranks[0]["bad"] and ranks[0]["gone"]["missing"] is True
+    assert ranks[0]["good"]["images"] == 23 and ranks[0]["good"]["image_to_text_R@1"] == 1.0

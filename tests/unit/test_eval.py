@@ -256,3 +256,73 @@ def _solid_png() -> bytes:
     buf = io.BytesIO()
     Image.new("RGB", (8, 8), (10, 20, 30)).save(buf, format="PNG")
     return buf.getvalue()
+
+
+def test_openclip_name_with_a_weights_file_evaluates_like_its_directory(tiny_world, tiny_teacher_dir, tmp_path):
+    """`model=<architecture> pretrained=<weights file>`: the offline form of an OpenCLIP name + tag."""
+    import open_clip
+
+    from dime_ds.eval.models import openclip_encoder as load
+    from dime_ds.eval.suite import evaluate_suite
+
+    config = json.loads((tiny_teacher_dir / "open_clip_config.json").read_text())
+    (tmp_path / "cfgs").mkdir()
+    (tmp_path / "cfgs" / "dime-tiny-eval.json").write_text(json.dumps(config["model_cfg"]))
+    open_clip.add_model_config(tmp_path / "cfgs")
+    by_name = load("dime-tiny-eval", str(tiny_teacher_dir / "open_clip_model.safetensors"), "fp32",
+                   torch.device("cpu"), "by name")
+    cfg = eval_cfg(shape=(tiny_world / "eval" / "shape", "zeroshot"))
+    assert evaluate_suite(by_name, cfg, progress=False) == evaluate_suite(openclip_encoder(tiny_teacher_dir), cfg,
+                                                                         progress=False)
+    with pytest.raises(Exception, match="no such weights file"):
+        load("dime-tiny-eval", str(tmp_path / "missing.safetensors"), "fp32", torch.device("cpu"), "x")
+
+
+def _folder_tree(root, classes, per_class=2):
+    for c in classes:
+        (root / c).mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            (root / c / f"{i}.png").write_bytes(_solid_png())
+    return root
+
+
+def test_imagefolder_labels_numbered_folders_and_train_classes(tmp_path):
+    from dime_ds.eval.sources import EvalDataError, open_split
+
+    numbered = open_split(_folder_tree(tmp_path / "v2" / "test", [str(i) for i in range(12)]), "test")
+    assert numbered.folder_classes[:3] == ["0", "1", "2"] and numbered.folder_classes[-1] == "11"  # not 0, 1, 10
+    assert [label for _, label in numbered.files][::2] == list(range(12))
+    train = open_split(_folder_tree(tmp_path / "d" / "train", ["ant", "bee", "cat"]), "train")
+    test = open_split(_folder_tree(tmp_path / "d" / "test", ["ant", "cat"]), "test", classes=train.folder_classes)
+    assert sorted({label for _, label in test.files}) == [0, 2]  # cat keeps its train label
+    _folder_tree(tmp_path / "d" / "test", ["dog"])
+    with pytest.raises(EvalDataError, match="dog"):
+        open_split(tmp_path / "d", "test", classes=train.folder_classes)
+
+
+def test_imagefolder_with_fewer_folders_than_class_names_is_an_error(tmp_path):
+    from dime_ds.eval.suite import evaluate_suite
+
+    data = _folder_tree(tmp_path / "d" / "test", ["a", "b"])
+    cfg = eval_cfg(d=(tmp_path / "d", "zeroshot"))
+    cfg.datasets["d"].classnames = "imagenet"
+    res = evaluate_suite(colour_encoder(), cfg, progress=False)["d"]
+    assert "2 class folders but 1000 class names" in res["error"], data
+
+
+def test_headline_uses_the_datasets_metric(tmp_path):
+    from dime_ds.eval.report import table_rows
+
+    a = {"task": "zeroshot", "metric": "mean_per_class", "top1": 0.5, "mean_per_class": 0.25}
+    b = {"task": "zeroshot", "metric": "top1", "top1": 0.75, "mean_per_class": 0.7}
+    header, rows = table_rows({"m": {"a": a, "b": b}})
+    assert rows[0] == ["a", "zero-shot mean per-class", "25.0"] and rows[1] == ["b", "zero-shot top-1", "75.0"]
+    assert rows[2] == ["mean of 2", "zeroshot, each set's metric", "50.0"]
+
+
+def test_home_relative_dataset_paths_keep_the_train_split(tmp_path, monkeypatch):
+    from dime_ds.eval.sources import has_split
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "ds" / "train").mkdir(parents=True)
+    assert has_split("~/ds", "train")
