@@ -23,21 +23,28 @@ def _lines(path: Path) -> list[str]:
     return [line.strip() for line in path.read_text().splitlines() if line.strip()]
 
 
+def _beside(data_dir: str | Path | None, names: tuple[str, ...]) -> str | None:
+    """The first of `names` that exists in the dataset directory."""
+    if data_dir is None:
+        return None
+    return next((str(Path(data_dir) / n) for n in names if (Path(data_dir) / n).is_file()), None)
+
+
+def _set_or_file(kind: str, name_or_path: str, sets: dict[str, list[str]]) -> list[str]:
+    if name_or_path in sets:
+        return list(sets[name_or_path])
+    if not Path(name_or_path).is_file():
+        raise FileNotFoundError(f"{kind} {name_or_path!r}: neither a built-in set ({', '.join(sets)}) nor a file")
+    return _lines(Path(name_or_path))
+
+
 def load_templates(name_or_path: str | None, data_dir: str | Path | None = None) -> list[str]:
     """A named set, a file of templates, or (None) the dataset's own file / the default set."""
-    if name_or_path is None and data_dir is not None:
-        name_or_path = next((str(Path(data_dir) / f) for f in TEMPLATE_FILES if (Path(data_dir) / f).is_file()), None)
-    name_or_path = name_or_path or DEFAULT_TEMPLATES
-    if name_or_path in TEMPLATE_SETS:
-        return list(TEMPLATE_SETS[name_or_path])
-    path = Path(name_or_path)
-    if not path.is_file():
-        raise FileNotFoundError(f"templates {name_or_path!r}: neither a built-in set "
-                                f"({', '.join(TEMPLATE_SETS)}) nor a file")
-    templates = _lines(path)
+    name_or_path = name_or_path or _beside(data_dir, TEMPLATE_FILES) or DEFAULT_TEMPLATES
+    templates = _set_or_file("templates", name_or_path, TEMPLATE_SETS)
     bad = [t for t in templates if "{}" not in t]
     if bad or not templates:
-        raise ValueError(f"{path}: every template needs a '{{}}' placeholder; bad: {bad[:3]}")
+        raise ValueError(f"{name_or_path}: every template needs a '{{}}' placeholder; bad: {bad[:3]}")
     return templates
 
 
@@ -45,17 +52,10 @@ def load_classnames(name_or_path: str | None, data_dir: str | Path | None = None
                     folder_classes: list[str] | None = None) -> list[str]:
     """A built-in set, a file (one name per line), the dataset's classnames.txt, or (for an ImageFolder
     tree) its directory names with underscores as spaces."""
-    if name_or_path is None and data_dir is not None and (Path(data_dir) / "classnames.txt").is_file():
-        name_or_path = str(Path(data_dir) / "classnames.txt")
+    name_or_path = name_or_path or _beside(data_dir, ("classnames.txt",))
     if name_or_path is None:
         if folder_classes:
             return [c.replace("_", " ") for c in folder_classes]
         raise FileNotFoundError(f"{data_dir}: no classnames.txt (one class name per line, in label order); "
                                 f"set classnames to a file or a built-in set ({', '.join(CLASSNAME_SETS)})")
-    if name_or_path in CLASSNAME_SETS:
-        return list(CLASSNAME_SETS[name_or_path])
-    path = Path(name_or_path)
-    if not path.is_file():
-        raise FileNotFoundError(f"classnames {name_or_path!r}: neither a built-in set "
-                                f"({', '.join(CLASSNAME_SETS)}) nor a file")
-    return _lines(path)
+    return _set_or_file("classnames", name_or_path, CLASSNAME_SETS)
