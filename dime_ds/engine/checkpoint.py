@@ -3,7 +3,11 @@ states, the resolved config. Tags are `step_00000042`; DeepSpeed's `latest` file
 complete one, so a run killed mid-save resumes from the one before."""
 from __future__ import annotations
 
+import contextlib
+import importlib
 import logging
+import os
+import pickle
 import random
 import re
 import shutil
@@ -13,9 +17,48 @@ import numpy as np
 import torch
 
 from dime_ds.dist import collectives as C
+from dime_ds.errors import UserError
 
 log = logging.getLogger(__name__)
 TAG = re.compile(r"^step_(\d{8})$")
+
+
+# What a dime_ds DeepSpeed checkpoint holds besides tensors and builtins: DeepSpeed's plain state
+# classes, and numpy arrays (the numpy RNG state in our client state). Nothing callable.
+CHECKPOINT_GLOBALS = (
+    "deepspeed.runtime.fp16.loss_scaler.LossScaler", "deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler",
+    "deepspeed.runtime.zero.config.ZeroStageEnum", "deepspeed.utils.tensor_fragment.fragment_address",
+    "numpy._core.multiarray._reconstruct", "numpy.ndarray", "numpy.dtype", "numpy.dtypes.UInt32DType",
+)
+
+
+def _resolve(qualified: str):
+    module, _, name = qualified.rpartition(".")
+    return getattr(importlib.import_module(module), name)
+
+
+class UnsafeCheckpointError(UserError, RuntimeError):
+    """A checkpoint file that holds objects a weights-only load refuses (it was not written by dime_ds)."""
+
+
+@contextlib.contextmanager
+def weights_only_reads(where: str | Path):
+    """Every torch.load inside, DeepSpeed's own included (they pass weights_only=False), runs with
+    weights_only=True and only CHECKPOINT_GLOBALS allowed: a checkpoint is never unpickled freely."""
+    previous = os.environ.get("TORCH_FORCE_WEIGHTS_ONLY_LOAD")
+    os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
+    try:
+        with torch.serialization.safe_globals([_resolve(g) for g in CHECKPOINT_GLOBALS]):
+            yield
+    except pickle.UnpicklingError as err:
+        first = str(err).strip().splitlines()[-1][:300]
+        raise UnsafeCheckpointError(f"{where}: refused to load: it holds objects no dime_ds checkpoint holds "
+                                    f"(weights-only load: {first})") from None
+    finally:
+        if previous is None:
+            os.environ.pop("TORCH_FORCE_WEIGHTS_ONLY_LOAD", None)
+        else:
+            os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = previous
 
 
 def tag_for(step: int) -> str:
@@ -70,7 +113,8 @@ def load(engine, ckpt_dir: str | Path, resume: str | None, rank: int) -> tuple[i
     if tag is None:
         log.info("ckpt.resume=%s: no checkpoint in %s yet, starting from step 0", resume, ckpt_dir)
         return 0, None
-    path, client = engine.load_checkpoint(str(ckpt_dir), tag=tag)
+    with weights_only_reads(Path(ckpt_dir) / tag):
+        path, client = engine.load_checkpoint(str(ckpt_dir), tag=tag)
     if path is None:
         raise RuntimeError(f"DeepSpeed could not load checkpoint {tag} from {ckpt_dir}")
     ranks = client["ranks"]

@@ -7,9 +7,9 @@ zero_to_fp32 stitches together. Two layouts it (0.19.8) cannot read are read her
 bf16/fp16 (no shards; the FP16 optimizer's unnamed per-parameter fp32 copies sit in the model-states
 file, named here by the optimizer's group order) and ZeRO-1 under DeepSpeed's BF16_Optimizer.
 
-Both read pickles with weights_only=False: a dime_ds run's own checkpoint, written by the user's own
-run (DeepSpeed pickles its config objects, dime_ds its RNG states), never a downloaded file.
-DeepSpeed is imported inside functions: eval imports this module."""
+Every read, DeepSpeed's included, is weights-only with a short allowlist (checkpoint.weights_only_reads):
+a checkpoint from anywhere is never unpickled freely. DeepSpeed is imported inside functions: eval
+imports this module."""
 from __future__ import annotations
 
 import contextlib
@@ -24,7 +24,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from dime_ds.engine.checkpoint import TAG
+from dime_ds.engine.checkpoint import TAG, weights_only_reads
 from dime_ds.engine.param_groups import split_names
 from dime_ds.errors import UserError
 from dime_ds.models import Student, build_run_student
@@ -143,7 +143,8 @@ def fp32_state_dict(ckpt_dir: str | Path, tag: str | None = None) -> dict[str, t
 
 
 def _load(path: Path) -> dict:
-    return torch.load(path, map_location="cpu", weights_only=False, mmap=True)  # the user's own run wrote it
+    with weights_only_reads(path):
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
 
 
 def _optim_shards(tag_dir: Path) -> list[Path]:
@@ -160,7 +161,8 @@ def _zero_state(ckpt_dir: Path, tag: str) -> dict[str, torch.Tensor]:
 
     chatter = io.StringIO()  # its prints and progress bars would bury a command's own output
     try:
-        with contextlib.redirect_stdout(chatter), contextlib.redirect_stderr(chatter):
+        with contextlib.redirect_stdout(chatter), contextlib.redirect_stderr(chatter), \
+                weights_only_reads(ckpt_dir / tag):
             return get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag)
     except (ValueError, FileNotFoundError) as err:  # a missing or foreign shard
         raise CheckpointError(f"{ckpt_dir / tag}: cannot consolidate the ZeRO shards: {err}") from None

@@ -19,6 +19,7 @@ from omegaconf import OmegaConf
 from safetensors.torch import load_file, save_file
 
 from dime_ds.cli import run_entry
+from dime_ds.errors import UserError
 from dime_ds.config import load_config
 from dime_ds.config.schema import StudentConfig, TeacherConfig
 from dime_ds.engine.consolidate import CheckpointError, fp32_state_dict, load_student, resolve_checkpoint
@@ -272,3 +273,32 @@ def test_eval_of_a_run_equals_eval_of_its_export(run_text_teacher, tiny_world, t
             if key in metrics:
                 assert from_export[name][key] == pytest.approx(metrics[key], abs=1e-6), (name, key)
     assert from_run["student"]["shape"]["n"] == 32 and from_run["student"]["captions"]["texts"] == 64
+
+
+class _Payload:
+    """Unpickling this runs code: what a tampered checkpoint would carry."""
+
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (Path(self.marker),))
+
+
+def test_a_tampered_checkpoint_is_refused_without_running_its_code(run_text_own, tmp_path):
+    import shutil
+
+    ckpt = tmp_path / "checkpoints"
+    shutil.copytree(run_text_own / "checkpoints", ckpt)
+    tag = (ckpt / "latest").read_text().strip()
+    states = sorted((ckpt / tag).glob("*model_states.pt"))[0]
+    from dime_ds.engine.checkpoint import weights_only_reads
+
+    with weights_only_reads(states):
+        sd = torch.load(states, map_location="cpu", weights_only=True)
+    sd["payload"] = _Payload(str(tmp_path / "ran"))
+    torch.save(sd, states)
+    with pytest.raises(UserError, match="refused to load"):
+        load_student(ckpt)
+    assert run_entry(export_main, [str(ckpt), str(tmp_path / "out")]) == 2
+    assert not (tmp_path / "ran").exists()
