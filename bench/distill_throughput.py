@@ -39,8 +39,8 @@ def prepare(work: Path) -> dict:
 
     from dime_ds.config import load_config
     from dime_ds.data.shards import list_shards
-    from dime_ds.data.synthetic import write_world
-    from dime_ds.match.embed import embed_shards
+    from dime_ds.demo.synthetic import write_world
+    from dime_ds.embed.stage import embed_shards
     from dime_ds.models import load_teacher, save_openclip_dir
     from dime_ds.models.student import student_model_cfg, student_preprocess_cfg
 

@@ -25,7 +25,7 @@ def extraction(n_images: int, image_size: int, batch_size: int, model_dir: str |
     from omegaconf import OmegaConf
 
     from dime_ds.config.schema import SyntheticConfig
-    from dime_ds.data.synthetic import write_world
+    from dime_ds.demo.synthetic import write_world
     from dime_ds.eval.features import extract
     from dime_ds.eval.models import openclip_encoder
     from dime_ds.eval.sources import open_split

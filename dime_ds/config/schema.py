@@ -31,7 +31,7 @@ class StudentConfig:
 
 @dataclass
 class SyntheticConfig:
-    """The synthetic world written by `python -m dime_ds.data.synthetic` (demo and tests)."""
+    """The synthetic world written by `python -m dime_ds.demo.synthetic` (demo and tests)."""
 
     seed: int = 0
     image_size: int = 64

@@ -1,1 +1,1 @@
-"""Data: webdataset shard writing and listing, the synthetic world, unpaired image/text pipelines."""
+"""Data: webdataset shard writing and listing, unpaired image/text pipelines."""

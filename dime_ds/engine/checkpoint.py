@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dime_ds.dist import collectives as C
+from dime_ds.distributed import collectives as C
 from dime_ds.errors import UserError
 
 log = logging.getLogger(__name__)

@@ -20,8 +20,8 @@ from tqdm import tqdm
 from dime_ds.data.loaders import image_batches, paired_batches, text_batches
 from dime_ds.data.pipelines import image_transform, preprocess_size
 from dime_ds.data.shards import list_shards
-from dime_ds.dist import collectives as C
-from dime_ds.dist.env import WorldInfo
+from dime_ds.distributed import collectives as C
+from dime_ds.distributed.env import WorldInfo
 from dime_ds.engine import checkpoint
 from dime_ds.engine.ds_config import build_ds_config, student_precision
 from dime_ds.engine.param_groups import param_groups

@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import save_file
 
 from dime_ds.config import save_config
-from dime_ds.dist.env import backend_for, device_for, init_distributed, world_info
+from dime_ds.distributed.env import backend_for, device_for, init_distributed, world_info
 from dime_ds.engine.loop import Trainer
 
 log = logging.getLogger(__name__)

@@ -42,7 +42,7 @@ def default_out_dir(cfg) -> Path:
 
 def main(overrides: Sequence[str]) -> int:
     cfg = load_config(expand_aliases(overrides))
-    from dime_ds.dist.env import backend_for, device_for, init_distributed, world_info  # after validation
+    from dime_ds.distributed.env import backend_for, device_for, init_distributed, world_info  # after validation
     from dime_ds.eval.models import load_encoders
     from dime_ds.eval.report import compare
 

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from dime_ds.data.pipelines import image_transform, preprocess_size
-from dime_ds.dist import collectives as C
+from dime_ds.distributed import collectives as C
 from dime_ds.data.pipelines import SampleError
 from dime_ds.eval.sources import EvalDataError, EvalSplit, Reader, collate
 

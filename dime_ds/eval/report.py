@@ -8,7 +8,7 @@ import os
 from pathlib import Path
 from typing import Mapping, Sequence
 
-from dime_ds.dist import collectives as C
+from dime_ds.distributed import collectives as C
 from dime_ds.eval.features import Encoder
 from dime_ds.eval.suite import evaluate_suite, headline
 from dime_ds.log.table import format_table

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from dime_ds.data.pipelines import SampleError
-from dime_ds.dist import collectives as C
+from dime_ds.distributed import collectives as C
 from dime_ds.eval.features import Encoder, extract
 from dime_ds.eval.linear_probe import linear_probe, stratified_split
 from dime_ds.eval.retrieval import retrieval_metrics

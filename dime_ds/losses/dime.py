@@ -3,7 +3,7 @@
 Student features are gathered with gradient, teacher features without; the math is
 `functional.dime_losses_block` / `functional.clip_loss_block`, shared with the single-process path.
 
-Contract (tested in tests/dist/test_losses_dist.py against the single-process loss on the whole
+Contract (tested in tests/multirank/test_losses_dist.py against the single-process loss on the whole
 global batch):
 - Every rank holds an equal share of the images and an equal share of the sentences (the counts of
   images and sentences may differ from each other). The gathers require it.
@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from dime_ds.dist import collectives as C
+from dime_ds.distributed import collectives as C
 from dime_ds.losses.functional import DimeFeatures, clip_loss_block, dime_losses_block, normalize
 
 LOSS_KEYS = ("w_vl", "w_pvl", "w_ud", "t_vl", "t_pvl", "t_ud", "scale")

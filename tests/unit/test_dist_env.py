@@ -7,9 +7,9 @@ import os
 import pytest
 import torch
 
-from dime_ds.dist import collectives as C
-from dime_ds.dist import env as E
-from dime_ds.dist.env import WorldInfo, backend_for, device_for, expand_nodelist, world_info
+from dime_ds.distributed import collectives as C
+from dime_ds.distributed import env as E
+from dime_ds.distributed.env import WorldInfo, backend_for, device_for, expand_nodelist, world_info
 
 SLURM_STEP = {  # rank 5 of 8 in a 2-node job, 4 tasks per node, as srun exports them
     "SLURM_JOB_ID": "123456", "SLURM_PROCID": "5", "SLURM_LOCALID": "1", "SLURM_NTASKS": "8",

@@ -164,7 +164,7 @@ def test_linear_probe_separable_and_random_labels():
 
 def test_linear_probe_on_labelled_set_beats_chance(tmp_path, tiny_teacher_dir):
     from dime_ds.config.schema import SyntheticConfig
-    from dime_ds.data.synthetic import write_world
+    from dime_ds.demo.synthetic import write_world
     from dime_ds.eval.suite import evaluate_suite
 
     world = tmp_path / "world"
@@ -196,7 +196,7 @@ def test_suite_with_missing_and_broken_datasets_finishes(tiny_world, tiny_teache
 
 
 def test_loader_workers_keep_single_process_order(tmp_path):
-    from tests.dist.test_eval_dist import extract_counting
+    from tests.multirank.test_eval_dist import extract_counting
 
     data = write_retrieval_shards(tmp_path / "pairs", solid_colours(23, seed=1), 9)
     ref = extract_counting(0, 1, data, True, 0, False)

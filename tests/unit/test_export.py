@@ -28,7 +28,7 @@ from dime_ds.models import (build_run_student, build_student, load_teacher, save
                             teacher_quick_gelu, uses_quick_gelu)
 from dime_ds.models.student import StudentConfigError, student_preprocess_cfg
 from tests.conftest import engine_overrides, tiny_model_cfg
-from tests.dist.harness import run_ranks
+from tests.multirank.harness import run_ranks
 
 CPU = torch.device("cpu")
 TEXTS = ["a red circle", "two blue stars next to a green square", "nothing at all"]

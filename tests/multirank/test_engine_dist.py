@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 
 from dime_ds.config import load_config
 from tests.conftest import engine_overrides
-from tests.dist.harness import run_ranks
+from tests.multirank.harness import run_ranks
 
 pytestmark = pytest.mark.slow
 
@@ -78,7 +78,7 @@ def test_zero3_teacher_matches_replicated_teacher(tmp_path, tiny_world, tiny_tea
 def _write_cache(cfg, out_dir):
     """Teacher embeddings of every unaugmented image and sentence, by the embed stage's core."""
     from dime_ds.data.shards import list_shards
-    from dime_ds.match.embed import embed_shards
+    from dime_ds.embed.stage import embed_shards
     from dime_ds.models import load_teacher
 
     teacher = load_teacher(cfg.teacher, torch.device("cpu"))

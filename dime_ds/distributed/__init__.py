@@ -1,9 +1,9 @@
 """Distributed plumbing: the only package that reads rank variables (env.py) or calls
 torch.distributed (collectives.py). Everything is the identity in a single process."""
-from dime_ds.dist.collectives import (all_gather_object, all_reduce_mean, barrier, broadcast_object,
+from dime_ds.distributed.collectives import (all_gather_object, all_reduce_mean, barrier, broadcast_object,
                                       gather_no_grad, gather_with_grad, is_distributed, is_main, rank,
                                       world_size)
-from dime_ds.dist.env import (WorldInfo, backend_for, device_for, expand_nodelist, free_port,
+from dime_ds.distributed.env import (WorldInfo, backend_for, device_for, expand_nodelist, free_port,
                               init_distributed, shutdown, world_info)
 
 __all__ = ["WorldInfo", "all_gather_object", "all_reduce_mean", "backend_for", "barrier", "broadcast_object",

@@ -10,7 +10,7 @@ import time
 import numpy as np
 import pytest
 
-from tests.dist.harness import run_ranks
+from tests.multirank.harness import run_ranks
 
 
 def _world_with_bad_samples(src, dst):
@@ -48,7 +48,7 @@ def _overrides(work, world, teacher):
 def _embed(rank, world_size, overrides):
     """run_embed_stage on this rank; returns its manifests and how many batches it encoded."""
     from dime_ds.config import load_config
-    from dime_ds.match import embed
+    from dime_ds.embed import stage as embed
 
     calls = [0]
     encode = embed._encode
@@ -72,7 +72,7 @@ def _snapshot(emb):
 
 def _cache(emb, modality):
     from dime_ds.data.embeddings import EmbeddingCache
-    from dime_ds.match.corpus import cache_keys
+    from dime_ds.ground.corpus import cache_keys
 
     cache = EmbeddingCache(emb / modality)
     return cache_keys(cache), np.concatenate(cache.shards)
@@ -148,7 +148,7 @@ def test_single_process_embed_shards_resumes(tmp_path, bad_world, tiny_teacher_d
 
     from dime_ds.config import load_config
     from dime_ds.data.shards import list_shards
-    from dime_ds.match import embed
+    from dime_ds.embed import stage as embed
     from dime_ds.models import load_teacher
 
     cfg = load_config(_overrides(tmp_path, bad_world, tiny_teacher_dir))

@@ -21,7 +21,7 @@ can be regenerated alone and nothing depends on shard size. `write_world` writes
 Held-out combinations are excluded from `images/` only: `paired/` and `eval/` draw every
 combination, so a teacher knows what the held-out sentences mean and the eval sets stay complete.
 
-CLI: `python -m dime_ds.data.synthetic [--out DIR] [--force] [hydra overrides...]`.
+CLI: `python -m dime_ds.demo.synthetic [--out DIR] [--force] [hydra overrides...]`.
 """
 from __future__ import annotations
 
@@ -491,7 +491,7 @@ def write_world(out_dir: str | os.PathLike, cfg: Any, force: bool = False, progr
 
     world = {
         "format_version": FORMAT_VERSION,
-        "generator": "dime_ds.data.synthetic",
+        "generator": "dime_ds.demo.synthetic",
         "seed": c["seed"],
         "config": c,
         "counts": {**{name: c[_SPLITS[name][1]] for name in _SPLITS}, **kinds},
@@ -513,13 +513,13 @@ def summary_lines(world: dict, out_dir: str | os.PathLike) -> list[str]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m dime_ds.data.synthetic", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m dime_ds.demo.synthetic", description=__doc__.split("\n")[0])
     parser.add_argument("--out", help="world directory (default: data.root of the config)")
     parser.add_argument("--force", action="store_true", help="regenerate even if an identical world exists")
     parser.add_argument("overrides", nargs="*", help="hydra overrides, e.g. data.synthetic.n_images=100")
     args = parser.parse_args(argv)
 
-    from dime_ds.config import load_config  # late: keeps `import dime_ds.data.synthetic` light
+    from dime_ds.config import load_config  # late: keeps `import dime_ds.demo.synthetic` light
 
     cfg = load_config(args.overrides)
     out = Path(args.out or cfg.data.root)

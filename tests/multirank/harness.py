@@ -2,10 +2,10 @@
 
 Usage, from any test:
 
-    from tests.dist.harness import run_ranks
+    from tests.multirank.harness import run_ranks
 
     def _body(rank, world_size, scale):          # module level or a closure: fork needs no pickling
-        from dime_ds.dist import collectives as C
+        from dime_ds.distributed import collectives as C
         return C.all_reduce_mean(torch.tensor([rank * scale])).item()
 
     def test_mean():
@@ -13,9 +13,9 @@ Usage, from any test:
 
 Each rank is a child process forked with multiprocessing's 'fork' context (the parent has already
 imported torch, so a rank starts in milliseconds). It gets MASTER_ADDR=127.0.0.1, a free
-MASTER_PORT, RANK, LOCAL_RANK, WORLD_SIZE and LOCAL_WORLD_SIZE (so `dime_ds.dist.env.world_info()`
+MASTER_PORT, RANK, LOCAL_RANK, WORLD_SIZE and LOCAL_WORLD_SIZE (so `dime_ds.distributed.env.world_info()`
 reads a torchrun-shaped world, and DeepSpeed finds what it looks for), one torch thread, and a
-gloo process group made by `dime_ds.dist.env.init_distributed`, destroyed when `fn` returns.
+gloo process group made by `dime_ds.distributed.env.init_distributed`, destroyed when `fn` returns.
 `run_ranks` returns `fn(rank, world_size, *args)` of every rank, in rank order; the results must be
 picklable (tensors are fine: they are pickled by value). An exception on any rank is raised here
 as `RankError` with the remote traceback, and the other ranks are killed (they would otherwise wait
@@ -49,7 +49,7 @@ def _child(fn: Callable[..., Any], rank: int, world_size: int, args: tuple, port
         import torch
 
         torch.set_num_threads(1)
-        from dime_ds.dist import env as dist_env
+        from dime_ds.distributed import env as dist_env
 
         dist_env.init_distributed(dist_env.world_info(), backend, timeout_min=timeout / 60)
         try:
@@ -68,7 +68,7 @@ def run_ranks(fn: Callable[..., Any], world_size: int = 2, *args: Any, timeout: 
               backend: str = "gloo", env: Mapping[str, str] | None = None) -> list[Any]:
     """`[fn(rank, world_size, *args) for rank in range(world_size)]`, each on its own forked rank of
     one gloo process group. See the module docstring."""
-    from dime_ds.dist.env import free_port
+    from dime_ds.distributed.env import free_port
 
     ctx = mp.get_context("fork")
     port = free_port()

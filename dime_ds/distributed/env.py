@@ -2,7 +2,7 @@
 
 Launchers, in order of precedence:
 - torchrun (and anything that exports the same variables, e.g. the DeepSpeed launcher or
-  tests/dist/harness.py): RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE, MASTER_ADDR, MASTER_PORT.
+  tests/multirank/harness.py): RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE, MASTER_ADDR, MASTER_PORT.
 - SLURM, one task per GPU started by srun: SLURM_PROCID, SLURM_LOCALID, SLURM_NTASKS, the tasks per
   node, and the first host of the step's (or job's) node list. Only inside a step: an interactive
   salloc shell has SLURM_JOB_ID but no SLURM_PROCID/SLURM_NTASKS and is a single process.

@@ -193,7 +193,7 @@ def teacher_name(teacher_cfg) -> str:
 def _check_all(error: str | None, what: str) -> None:
     """Every rank's `error` (None: fine); raises on every rank when any failed, instead of leaving the
     others waiting in the next collective. Also a barrier."""
-    from dime_ds.dist import collectives as C
+    from dime_ds.distributed import collectives as C
 
     errors = [e for e in C.all_gather_object(error) if e]
     if errors:
@@ -207,8 +207,8 @@ def run_embed_stage(cfg) -> dict:
     finished shards from unchanged sources are skipped; rank 0 writes each manifest once all ranks are
     done. Returns {modality: manifest} on every rank."""
     from dime_ds.data.shards import list_shards
-    from dime_ds.dist import collectives as C
-    from dime_ds.dist.env import backend_for, device_for, init_distributed, world_info
+    from dime_ds.distributed import collectives as C
+    from dime_ds.distributed.env import backend_for, device_for, init_distributed, world_info
     from dime_ds.models import load_teacher
 
     info = world_info()

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.dist.harness import run_ranks
+from tests.multirank.harness import run_ranks
 
 N_IMG, N_TXT, DIM = 300, 1000, 16
 TEXT_SHARDS = (350, 250, 400)  # uneven source shards: rank blocks cut across them
@@ -52,8 +52,8 @@ def _cfg(embed: Path, out: Path):
 
 
 def _stage(rank, world_size, embed, out):
-    from dime_ds.dist import collectives as C
-    from dime_ds.match import corpus
+    from dime_ds.distributed import collectives as C
+    from dime_ds.ground import corpus
 
     corpus.IMAGE_CHUNK = 128  # several image chunks per text block
     report = corpus.run_match_stage(_cfg(embed, out))
@@ -74,7 +74,7 @@ def embed_dir(tmp_path_factory):
 
 
 def test_rank_rows_cover_the_corpus():
-    from dime_ds.match.corpus import rank_rows
+    from dime_ds.ground.corpus import rank_rows
 
     for n, world in ((1000, 2), (1000, 3), (2, 4), (0, 2)):
         blocks = [rank_rows(n, r, world) for r in range(world)]
@@ -84,8 +84,8 @@ def test_rank_rows_cover_the_corpus():
 
 def test_two_ranks_match_one_rank_and_the_reference(embed_dir, tmp_path):
     from dime_ds.data.embeddings import EmbeddingCache
-    from dime_ds.match.algorithm1 import greedy_ground_reference
-    from dime_ds.match.corpus import run_match_stage
+    from dime_ds.ground.algorithm1 import greedy_ground_reference
+    from dime_ds.ground.corpus import run_match_stage
 
     one = run_match_stage(_cfg(embed_dir, tmp_path / "one"))
     reports = run_ranks(_stage, 2, embed_dir, tmp_path / "two", timeout=180)

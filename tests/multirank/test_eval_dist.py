@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.dist.harness import run_ranks
+from tests.multirank.harness import run_ranks
 from tests.eval_fixtures import colour_encoder, shards_to_imagefolder, solid_colours, write_retrieval_shards
 
 

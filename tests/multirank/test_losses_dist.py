@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from dime_ds.losses import functional
-from tests.dist.harness import RankError, run_ranks
+from tests.multirank.harness import RankError, run_ranks
 
 WORLD = 2
 # Non-default weights and temperatures, L_ud switched on, so that every term reaches the total.
@@ -46,7 +46,7 @@ def _dime_inputs(student: Student, b: dict, own_text: bool):
 
 def _averaged_grads(model: nn.Module) -> dict[str, torch.Tensor]:
     """What a DDP/DeepSpeed engine does after each rank's backward: average the gradients."""
-    from dime_ds.dist import collectives as C
+    from dime_ds.distributed import collectives as C
 
     return {n: C.all_reduce_mean(p.grad) for n, p in model.named_parameters() if p.grad is not None}
 
@@ -111,7 +111,7 @@ def test_clip_loss_and_gradients_equal_the_global_batch():
 
 
 def _collectives_rank(rank: int, world_size: int):
-    from dime_ds.dist import collectives as C
+    from dime_ds.distributed import collectives as C
 
     x = torch.full((2, 3), float(rank + 1), requires_grad=True)
     gathered = C.gather_with_grad(x)
@@ -139,7 +139,7 @@ def test_collectives_on_two_ranks():
 def _fails_on_rank_one(rank: int, world_size: int):
     if rank == 1:
         raise ValueError("boom on rank one")
-    from dime_ds.dist import collectives as C
+    from dime_ds.distributed import collectives as C
 
     C.barrier()  # rank 0 would wait here forever: the harness must kill it
 

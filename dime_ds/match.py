@@ -22,11 +22,11 @@ def main(overrides: Sequence[str]) -> int:
     cfg = load_config(split_stage(overrides))
     stage = cfg.match.stage
     if stage in ("embed", "all"):
-        from dime_ds.match.embed import run_embed_stage  # after validation: no heavy import for a bad config
+        from dime_ds.embed.stage import run_embed_stage  # after validation: no heavy import for a bad config
 
         run_embed_stage(cfg)
     if stage in ("match", "all"):
-        from dime_ds.match.corpus import run_match_stage
+        from dime_ds.ground.corpus import run_match_stage
 
         run_match_stage(cfg)
     return 0

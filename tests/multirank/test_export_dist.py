@@ -14,7 +14,7 @@ from dime_ds.config import load_config
 from dime_ds.engine.consolidate import fp32_state_dict, load_student
 from dime_ds.engine.ds_config import ds_config_path
 from tests.conftest import engine_overrides
-from tests.dist.harness import run_ranks
+from tests.multirank.harness import run_ranks
 
 pytestmark = pytest.mark.slow
 

@@ -352,7 +352,7 @@ def rank_partial_topk(images: EmbeddingCache, texts: EmbeddingCache, start: int,
     """Exact top-k (global ids) of every image among text rows [start, stop): the rows are read in
     blocks of `block_size`, the images in chunks of `image_chunk`, and the parts merged (search.py's
     multi-node plan, one node's share)."""
-    from dime_ds.match.search import merge_topk, partial_topk
+    from dime_ds.ground.search import merge_topk, partial_topk
 
     n_img = len(images)
     best_s = np.full((n_img, k), -np.inf, np.float32)
@@ -383,9 +383,9 @@ def run_match_stage(cfg: Any) -> dict:
     the re-queries over the shared memory-mapped caches, and writes the outputs; every rank returns
     rank 0's report. index=ivf (approximate) runs on rank 0 alone."""
     from dime_ds.config import ConfigError
-    from dime_ds.dist import collectives as C
-    from dime_ds.dist.env import backend_for, device_for, init_distributed, world_info
-    from dime_ds.match.algorithm1 import ground
+    from dime_ds.distributed import collectives as C
+    from dime_ds.distributed.env import backend_for, device_for, init_distributed, world_info
+    from dime_ds.ground.algorithm1 import ground
 
     started = time.perf_counter()
     m = cfg.match
@@ -434,8 +434,8 @@ def _run_distributed(m: Any, images: EmbeddingCache, texts: EmbeddingCache, text
                      use_gpu: bool | None, progress: bool, ground_and_write) -> dict:
     """The multi-rank match stage (see run_match_stage): partial top-k per rank, merge + Algorithm 1 +
     outputs on rank 0, its report (or its error) broadcast to every rank."""
-    from dime_ds.dist import collectives as C
-    from dime_ds.match.search import merge_topk
+    from dime_ds.distributed import collectives as C
+    from dime_ds.ground.search import merge_topk
 
     n_img, n_txt = len(images), len(texts)
     plan = m.index == "flat" and n_img > 0 and n_txt > 0
