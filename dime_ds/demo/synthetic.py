@@ -38,6 +38,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
+from dime_ds.config.schema import SyntheticConfig
 from dime_ds.data.shards import ShardWriter, sha256_file
 
 FORMAT_VERSION = 4  # 2: eval sets carry templates.txt; 3: shape prompts name colours; 4: eval/captions
@@ -420,8 +421,8 @@ _SPLITS: dict[str, tuple[str, str, Callable[[dict], Iterator[Sample]]]] = {
 
 # ------------------------------------------------------------------------------------------ world
 
-def config_values(cfg: Any) -> dict:
-    """The generator's knobs from any object with these attributes (DictConfig, dataclass...)."""
+def config_values(cfg: SyntheticConfig) -> dict:
+    """The generator's knobs of a `data.synthetic` section (DictConfig or dataclass)."""
     values = {name: cast(getattr(cfg, name)) for name, cast in CONFIG_FIELDS.items()}
     if values["image_size"] < 8 or values["shard_size"] < 1 or values["seed"] < 0:
         raise ValueError(f"synthetic config needs image_size >= 8, shard_size >= 1, seed >= 0: {values}")
@@ -472,7 +473,7 @@ def _atomic_write_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def write_world(out_dir: str | os.PathLike, cfg: Any, force: bool = False, progress: bool | None = None) -> dict:
+def write_world(out_dir: str | os.PathLike, cfg: SyntheticConfig, force: bool = False, progress: bool | None = None) -> dict:
     """Write the world under `out_dir` and return its world.json content. A complete world with the
     same config is kept as is (unless `force`). progress: None = bars only on a terminal."""
     out = Path(out_dir).expanduser().resolve()

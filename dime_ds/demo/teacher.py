@@ -9,11 +9,11 @@ import json
 import logging
 import time
 from pathlib import Path
-from typing import Any
 
 from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
+from dime_ds.config.schema import RootConfig
 from dime_ds.data.shards import list_shards, sha256_file
 from dime_ds.engine.run import run_training
 from dime_ds.models import build_student, read_openclip_dir, save_openclip_dir, student_preprocess_cfg
@@ -21,7 +21,7 @@ from dime_ds.models import build_student, read_openclip_dir, save_openclip_dir, 
 log = logging.getLogger(__name__)
 
 
-def recipe_hash(cfg: Any) -> str:
+def recipe_hash(cfg: RootConfig) -> str:
     """What determines the trained model: architecture, data, loss, optimiser, seed."""
     parts = {k: OmegaConf.to_container(cfg[k], resolve=True) for k in ("student", "loss", "optim")}
     # The data by content, so a regenerated world retrains the teacher.
@@ -31,14 +31,14 @@ def recipe_hash(cfg: Any) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def is_current(out_dir: Path, cfg: Any) -> bool:
+def is_current(out_dir: Path, cfg: RootConfig) -> bool:
     try:
         return read_openclip_dir(out_dir).get("dime_ds", {}).get("recipe") == recipe_hash(cfg)
     except FileNotFoundError:
         return False
 
 
-def pretrain_clip(cfg: Any, out_dir: str | Path) -> dict:
+def pretrain_clip(cfg: RootConfig, out_dir: str | Path) -> dict:
     """Train `cfg.student` (text=own, loss=clip) on `cfg.data.paired`; save it to `out_dir` as an
     OpenCLIP model directory. Returns the training summary with its wall time."""
     start = time.time()

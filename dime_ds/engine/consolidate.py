@@ -18,12 +18,12 @@ import logging
 import math
 import re
 from pathlib import Path
-from typing import Any
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from dime_ds.config.schema import RootConfig
 from dime_ds.engine.checkpoint import TAG, weights_only_reads
 from dime_ds.engine.param_groups import split_names
 from dime_ds.errors import UserError
@@ -229,11 +229,11 @@ def _bf16_optimizer_state(tag_dir: Path, shards: list[Path]) -> dict[str, torch.
     return _checked(tag_dir, sd, masters)
 
 
-def student_from_state(cfg: Any, state: dict[str, torch.Tensor]) -> Student:
+def student_from_state(cfg: RootConfig, state: dict[str, torch.Tensor]) -> Student:
     """The run's student (fp32, eval mode) holding `state`. The teacher's width is read off the
     projection, so no teacher weights are needed."""
     target_dim = state["image_proj.weight"].shape[0] if "image_proj.weight" in state else None
-    student = build_run_student(cfg, target_dim)
+    student = build_run_student(cfg.student, cfg.teacher, target_dim)
     own = student.state_dict()
     if set(own) != set(state):
         raise CheckpointError(f"the checkpoint does not hold the student its config builds: missing "

@@ -9,9 +9,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from dime_ds.config import ConfigError, config_dir
+from dime_ds.config.schema import OptimConfig
 
 OWNED_BY_HYDRA = ("optimizer", "scheduler")
 
@@ -26,13 +25,6 @@ def ds_config_path(name_or_path: str) -> Path:
     return path
 
 
-def student_precision(device: torch.device) -> str:
-    """bf16 where the hardware has it (CPUs, Ampere and later GPUs), else fp16."""
-    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        return "fp16"
-    return "bf16"
-
-
 def _fill(cfg: dict, key: str, value: Any, owner: str, source: Path) -> None:
     current = cfg.get(key, "auto")
     if current == "auto":
@@ -42,7 +34,7 @@ def _fill(cfg: dict, key: str, value: Any, owner: str, source: Path) -> None:
                           f"set it to \"auto\" in the JSON and change {owner.split('=')[0]} instead")
 
 
-def build_ds_config(name_or_path: str, optim_cfg: Any, world_size: int, precision: str) -> dict:
+def build_ds_config(name_or_path: str, optim_cfg: OptimConfig, world_size: int, precision: str) -> dict:
     """The DeepSpeed config dict for this run (engine knobs from JSON, the rest from Hydra)."""
     source = ds_config_path(name_or_path)
     cfg = json.loads(source.read_text())

@@ -1,40 +1,37 @@
-"""The training loop: one optimizer step = grad_accum micro-steps of (teacher embeddings, student
-forward, loss, backward) through a DeepSpeed engine; then log, checkpoint, evaluate. One loop for
-DIME-FM distillation (unpaired images + sentences) and the CLIP loss (paired shards: the demo
-teacher and the from-scratch baseline)."""
+"""The training loop: one optimizer step = grad_accum micro-steps of the objective (batch, teacher
+targets, student forward, named losses) through a DeepSpeed engine; then log, evaluate, checkpoint.
+The loop knows no method: DIME-FM and CLIP are objectives (dime_ds/objectives)."""
 from __future__ import annotations
 
+import contextlib
 import logging
 import resource
 import signal
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import deepspeed
 import torch
-import torch.nn.functional as F
 from omegaconf import OmegaConf
 from tqdm import tqdm
 
-from dime_ds.data.loaders import image_batches, paired_batches, text_batches
-from dime_ds.data.pipelines import image_transform, preprocess_size
-from dime_ds.data.shards import list_shards
+from dime_ds.config.schema import RootConfig
 from dime_ds.distributed import collectives as C
 from dime_ds.distributed.env import WorldInfo
 from dime_ds.engine import checkpoint
-from dime_ds.engine.ds_config import build_ds_config, student_precision
+from dime_ds.engine.ds_config import build_ds_config
 from dime_ds.engine.param_groups import param_groups
 from dime_ds.engine.schedule import lr_at
-from dime_ds.engine.teacher_source import TeacherSource
+from dime_ds.engine.zero3_teacher import zero3_inference
 from dime_ds.eval.features import Encoder
 from dime_ds.eval.suite import evaluate_suite, headline
 from dime_ds.log.tensorboard import TBWriter
-from dime_ds.losses.dime import clip_loss, dime_loss, reduce_for_logging
-from dime_ds.models import build_run_student, student_preprocess_cfg, student_tokenizer
+from dime_ds.losses.dime import reduce_for_logging
+from dime_ds.models import build_run_student, precision_for, student_preprocess_cfg, student_tokenizer
+from dime_ds.objectives import RunContext, build_objective
 
 log = logging.getLogger(__name__)
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class StopRequested:
@@ -55,163 +52,124 @@ class StopRequested:
         return C.reduce_scalar(1.0 if self.flag else 0.0, op="max") > 0
 
 
+@dataclass
+class StepMeter:
+    """Seconds per phase and samples since the last log line (a window), and over the whole run."""
+
+    window: dict = field(default_factory=dict)
+    samples: int = 0
+    seconds: float = 0.0
+    steps: int = 0
+
+    @contextlib.contextmanager
+    def timed(self, phase: str):
+        t0 = time.perf_counter()
+        yield
+        self.window[phase] = self.window.get(phase, 0.0) + time.perf_counter() - t0
+
+    def step_done(self, samples: int, seconds: float) -> None:
+        self.window["samples"] = self.window.get("samples", 0) + samples
+        self.window["seconds"] = self.window.get("seconds", 0.0) + seconds
+        self.window["steps"] = self.window.get("steps", 0) + 1
+        self.samples, self.seconds, self.steps = self.samples + samples, self.seconds + seconds, self.steps + 1
+
+    def take(self) -> dict:
+        window, self.window = self.window, {}
+        return window
+
+
 class Trainer:
-    def __init__(self, cfg: Any, world: WorldInfo, device: torch.device):
+    def __init__(self, cfg: RootConfig, world: WorldInfo, device: torch.device):
         self.cfg, self.world, self.device = cfg, world, device
-        self.clip = cfg.loss.kind == "clip"
-        self.micro = cfg.optim.global_batch_size // (world.world_size * cfg.optim.grad_accum)
-        self.precision = student_precision(device)
-        self.dtype = DTYPES.get(self.precision, torch.float32)
-        self.teacher = None if self.clip else TeacherSource(cfg, device, self.micro)
-        target_dim = None if self.clip else self.teacher.embed_dim
+        self.precision = precision_for("student", device)
+        micro = cfg.optim.global_batch_size // (world.world_size * cfg.optim.grad_accum)
+        self.objective = build_objective(cfg, RunContext(world, device, micro, self.precision, cfg.seed,
+                                                         zero3_wrap=zero3_inference))
         torch.manual_seed(cfg.seed)  # identical initial student on every rank
-        student = build_run_student(cfg, target_dim)  # with the teacher's activation when it borrows its text tower
-        self.student_preprocess = student_preprocess_cfg(student.model_cfg)
-        self.student_tokenize = student_tokenizer(student) if student.has_text else None
-        self.has_text = student.has_text
+        student = build_run_student(cfg.student, cfg.teacher, self.objective.target_dim)
         self.image_params = sum(p.numel() for m in (student.visual, student.image_proj) if m is not None
                                 for p in m.parameters())
         optimizer = torch.optim.AdamW(param_groups(student, cfg.optim.weight_decay), lr=cfg.optim.lr,
                                       betas=tuple(cfg.optim.betas), eps=cfg.optim.eps)
-        base_lr = cfg.optim.lr
         self.engine, _, _, self.scheduler = deepspeed.initialize(
             model=student, optimizer=optimizer,
             lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(
-                opt, lambda step: lr_at(step, cfg.optim) / base_lr),
-            config=build_ds_config(cfg.dist.ds_config, cfg.optim, world.world_size, self.precision))
+                opt, lambda step: lr_at(step, cfg.optim) / cfg.optim.lr),
+            config=build_ds_config(cfg.dist.ds_config, cfg.optim, world.world_size, self.precision.name))
         self.tb = TBWriter(Path(cfg.run_dir) / "tensorboard", enabled=world.rank == 0 and cfg.log.tensorboard)
         self.stop = StopRequested()
-        self._teacher_eval: dict | None = None
+        self.meter = StepMeter()
+        self._teacher_eval: dict | None = None  # a frozen teacher scores the same every time
 
-    # ------------------------------------------------------------------ data
-    def _stream_preprocess(self) -> dict:
-        """Images are transformed once, at the teacher's preprocessing when a live teacher runs."""
-        if self.teacher is not None and self.teacher.preprocess_cfg is not None:
-            return self.teacher.preprocess_cfg
-        return self.student_preprocess
+    @property
+    def student(self):
+        return self.engine.module
 
-    def _build_streams(self, state: dict | None) -> None:
-        cfg, w = self.cfg, self.world
-        common = dict(seed=cfg.seed, rank=w.rank, world=w.world_size, workers=cfg.data.workers,
-                      shuffle_buffer=cfg.data.shuffle_buffer)
-        transform = image_transform(self._stream_preprocess(), train=cfg.data.augment,
-                                    crop_scale_min=cfg.data.crop_scale_min)
-        state = state or {}
-        if self.clip:
-            self.images = paired_batches(list_shards(cfg.data.paired), transform, self.student_tokenize,
-                                         self.micro, start=state.get("images"), **common)
-            self.texts = None
-            return
-        self.images = image_batches(list_shards(cfg.data.images), transform, self.micro,
-                                    start=state.get("images"), **common)
-        tokenize = self.teacher.tokenizer or self.student_tokenize  # None: keys are all the cache needs
-        self.texts = text_batches(list_shards(cfg.data.texts), tokenize, self.micro,
-                                  start=state.get("texts"), **common)
-
-    def _stream_state(self) -> dict:
-        return {"images": self.images.state_dict(), **({"texts": self.texts.state_dict()} if self.texts else {})}
-
-    def _to_student(self, images: torch.Tensor) -> torch.Tensor:
-        """Resize / renormalise stream images when the student's preprocessing differs."""
-        src, dst = self._stream_preprocess(), self.student_preprocess
-        if preprocess_size(src) != preprocess_size(dst):
-            images = F.interpolate(images, size=preprocess_size(dst), mode="bicubic", antialias=True, align_corners=False)
-        if list(src["mean"]) != list(dst["mean"]) or list(src["std"]) != list(dst["std"]):
-            def vec(v):
-                return torch.tensor(v, dtype=images.dtype).view(1, -1, 1, 1)
-            images = (images * vec(src["std"]) + vec(src["mean"]) - vec(dst["mean"])) / vec(dst["std"])
-        return images.to(self.device, self.dtype)
-
-    # ------------------------------------------------------------------ steps
-    def _micro_step(self) -> tuple[dict, float, float]:
-        img_batch = next(self.images)
-        t0 = time.perf_counter()
-        if self.clip:
-            s_img, s_txt = self.engine(self._to_student(img_batch["images"]), img_batch["tokens"].to(self.device))
-            losses = {"clip": clip_loss(s_img.float(), s_txt.float(), self.engine.module.logit_scale.float())}
-            losses["total"] = losses["clip"]
-            teacher_s = 0.0
-        else:
-            txt_batch = next(self.texts)
-            t_img, t_txt = self.teacher.embed(img_batch["images"], txt_batch.get("tokens"),
-                                              img_batch["keys"], txt_batch["keys"])
-            teacher_s = time.perf_counter() - t0
-            t0 = time.perf_counter()
-            tokens = None
-            if self.has_text:  # the stream already tokenized for the student when no live teacher needs tokens
-                tokens = txt_batch["tokens"] if self.teacher.tokenizer is None else \
-                    self.student_tokenize(txt_batch["texts"])
-                tokens = tokens.to(self.device)
-            s_img, s_txt = self.engine(self._to_student(img_batch["images"]), tokens)
-            s_txt = t_txt if s_txt is None else s_txt.float()
-            losses = dime_loss(t_img, t_txt, s_img.float(), s_txt, self.cfg.loss)
-            self._last = (t_img.detach(), t_txt.detach(), s_img.detach().float(), s_txt.detach())
-        self.engine.backward(losses["total"])
-        self.engine.step()
-        return losses, teacher_s, time.perf_counter() - t0
+    def _forward(self, images=None, tokens=None):
+        return self.engine(images=images, tokens=tokens)
 
     def train(self) -> dict:
-        cfg = self.cfg
+        cfg, steps = self.cfg, self.cfg.optim.steps
         config_yaml = OmegaConf.to_yaml(cfg, resolve=True)
         start, state = checkpoint.load(self.engine, cfg.ckpt.dir, cfg.ckpt.resume, self.world.rank)
-        self._build_streams(state)
+        self.objective.start(self.student, state)
         if start == 0:
             self.tb.text("config", config_yaml)
-        steps = cfg.optim.steps
         bar = tqdm(total=steps, initial=start, desc=cfg.name, dynamic_ncols=True,
                    disable=self.world.rank != 0 or not cfg.log.progress)
-        window = {"samples": 0, "time": 0.0, "teacher_s": 0.0, "student_s": 0.0}
+        summary = {"start_step": start, "image_params": self.image_params, **self.objective.info()}
         step, status = start, "completed"
-        summary: dict = {"start_step": start, "image_params": self.image_params}
-        if self.teacher is not None and self.teacher.teacher is not None:
-            summary["teacher_image_params"] = sum(p.numel() for p in self.teacher.teacher.model.visual.parameters())
-        train_time = 0.0
         while step < steps:
-            t_step = time.perf_counter()
-            for _ in range(cfg.optim.grad_accum):
-                losses, teacher_s, student_s = self._micro_step()
-                window["teacher_s"] += teacher_s
-                window["student_s"] += student_s
+            losses = self._optimizer_step()
             step += 1
-            window["samples"] += cfg.optim.global_batch_size
-            window["time"] += time.perf_counter() - t_step
-            train_time += time.perf_counter() - t_step
             bar.update(1)
-            if step % cfg.log.every_n_steps == 0 or step == steps:
-                summary["loss"] = self._log(step, losses, window, bar)
-                window = {k: 0 for k in window}
-            if cfg.eval.every_n_steps and (step % cfg.eval.every_n_steps == 0 or step == steps):
+            if self._due(step, cfg.log.every_n_steps):
+                summary["loss"] = self._log(step, losses, bar)
+            if cfg.eval.every_n_steps and self._due(step, cfg.eval.every_n_steps):
                 summary["eval"] = self.evaluate(step)
             stop = self.stop.any_rank()
-            if stop or step == steps or (cfg.ckpt.every_n_steps and step % cfg.ckpt.every_n_steps == 0):
-                checkpoint.save(self.engine, cfg.ckpt.dir, step, self._stream_state(), config_yaml, cfg.ckpt.keep_last)
+            if stop or self._due(step, cfg.ckpt.every_n_steps):
+                checkpoint.save(self.engine, cfg.ckpt.dir, step, self.objective.state_dict(), config_yaml,
+                                cfg.ckpt.keep_last)
             if stop:
                 status = "stopped"
                 break
         bar.close()
         self.tb.close()
-        if step > start:
-            summary["samples_per_s"] = (step - start) * cfg.optim.global_batch_size / train_time
-        return {**summary, "status": status, "step": step, "skipped": self._skipped()}
+        if self.meter.seconds > 0:
+            summary["samples_per_s"] = self.meter.samples / self.meter.seconds
+        return {**summary, "status": status, "step": step, "skipped": self.objective.skipped()}
 
-    def _skipped(self) -> dict:
-        out = {"images": self.images.state_dict().get("skipped", 0)}
-        if self.texts:
-            out["texts"] = self.texts.state_dict().get("skipped", 0)
-        return out
+    def _due(self, step: int, every: int) -> bool:
+        """At every `every`-th step, and always at the last."""
+        return step == self.cfg.optim.steps or (every > 0 and step % every == 0)
 
-    def _log(self, step: int, losses: dict, window: dict, bar) -> dict:
+    def _optimizer_step(self) -> dict:
+        t0, objective = time.perf_counter(), self.objective
+        for _ in range(self.cfg.optim.grad_accum):  # DeepSpeed steps the optimizer at the boundary
+            with self.meter.timed("data_s"):
+                batch = objective.next_batch()
+            with self.meter.timed("teacher_s"):
+                targets = objective.targets(batch)
+            with self.meter.timed("student_s"):
+                losses = objective.losses(objective.student_features(self._forward, batch), targets)
+                self.engine.backward(losses["total"])
+                self.engine.step()
+        self.meter.step_done(self.cfg.optim.global_batch_size, time.perf_counter() - t0)
+        return losses
+
+    def _log(self, step: int, losses: dict, bar) -> dict:
+        window = self.meter.take()
         values = {f"loss/{k}": v for k, v in reduce_for_logging(losses).items()}
         values["optim/lr"] = self.scheduler.get_last_lr()[0] if self.scheduler else self.cfg.optim.lr
         norm = self.engine.get_global_grad_norm()
         if norm is not None:
             values["optim/grad_norm"] = float(norm)
-        if window["time"] > 0:
-            values["perf/samples_per_s"] = window["samples"] / window["time"]
-        n = max(1, self.cfg.log.every_n_steps)
-        values["perf/teacher_s_per_step"] = window["teacher_s"] / n
-        values["perf/student_s_per_step"] = window["student_s"] / n
-        for name, count in self._skipped().items():
+        if window.get("seconds"):
+            values["perf/samples_per_s"] = window["samples"] / window["seconds"]
+        for phase in ("data_s", "teacher_s", "student_s"):
+            values[f"perf/{phase}_per_step"] = window.get(phase, 0.0) / max(1, window.get("steps", 1))
+        for name, count in self.objective.skipped().items():
             values[f"data/skipped_{name}"] = C.reduce_scalar(count)
         values["memory/host_max_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
         if self.device.type == "cuda":
@@ -225,33 +183,41 @@ class Trainer:
         return {k: v for k, v in values.items() if k.startswith("loss/")}
 
     # ------------------------------------------------------------------ eval
+    def _student_encoder(self) -> Encoder | None:
+        """The student for evaluation: its own text tower, else the one its objective lends."""
+        if self.student.has_text:
+            encode_text, tokenize = (lambda t: self._forward(tokens=t).text), student_tokenizer(self.student)
+        elif (borrowed := self.objective.borrowed_text()) is not None:
+            encode_text, tokenize = borrowed
+        else:
+            return None
+        return Encoder("student", lambda x: self._forward(images=x).image, encode_text, tokenize,
+                       student_preprocess_cfg(self.student.model_cfg), self.device, self.precision.dtype)
+
     @torch.no_grad()
     def evaluate(self, step: int) -> dict:
         """The eval datasets of `eval.periodic_tasks`, student (and once, the teacher); every rank takes
         a share of the features; rank 0 logs to TensorBoard."""
         if not self.cfg.eval.datasets:
             return {}
-        if not self.has_text and (self.teacher is None or self.teacher.teacher is None):
+        student = self._student_encoder()
+        if student is None:
             log.warning("no text tower to build zero-shot classifiers with (cached teacher); eval skipped")
             return {}
         self.engine.eval()
-        if self.has_text:
-            encode_text, tokenize = (lambda t: self.engine(None, t)[1]), self.student_tokenize
-        else:
-            encode_text, tokenize = (lambda t: self.teacher.embed(None, t)[1]), self.teacher.tokenizer
-        student = Encoder("student", lambda x: self.engine(x, None)[0], encode_text, tokenize,
-                          self.student_preprocess, self.device, self.dtype)
         # Every rank forwards the same number of batches: a ZeRO-3 forward is collective.
         opts = dict(tasks=self.cfg.eval.periodic_tasks, lockstep=C.is_distributed(), progress=self.cfg.log.progress)
         results = {"student": evaluate_suite(student, self.cfg.eval, **opts)}
-        if self.teacher is not None and self.teacher.teacher is not None:
-            if self._teacher_eval is None:  # a frozen teacher scores the same every time
-                teacher = Encoder("teacher", lambda x: self.teacher.embed(x, None)[0],
-                                  lambda t: self.teacher.embed(None, t)[1], self.teacher.tokenizer,
-                                  self.teacher.preprocess_cfg, self.device, torch.float32)
+        teacher = self.objective.teacher_encoder()
+        if teacher is not None:
+            if self._teacher_eval is None:
                 self._teacher_eval = evaluate_suite(teacher, self.cfg.eval, **opts)
             results["teacher"] = self._teacher_eval
         self.engine.train()
+        self._log_eval(step, results)
+        return results
+
+    def _log_eval(self, step: int, results: dict) -> None:
         if self.world.rank == 0:
             log.info("step %d eval: %s", step, "  ".join(
                 f"{model}/{name} {label}={100 * value:.1f}%" for model, per_set in results.items()
@@ -260,7 +226,6 @@ class Trainer:
             self.tb.scalars({f"{m['task']}_{model}/{name}" + ("" if key == "top1" else f"_{key}"): value
                              for name, m in per_set.items() for key, _, value in headline(m)
                              if isinstance(value, float)}, step)
-        if getattr(self, "_last", None) is not None:
-            t_img, t_txt, s_img, s_txt = (F.normalize(x[:16], dim=-1) for x in self._last)
-            self.tb.similarity_image("similarity/teacher_vs_student", t_img @ t_txt.t(), s_img @ s_txt.t(), step)
-        return results
+        sample = self.objective.similarity_sample()
+        if sample is not None:
+            self.tb.similarity_image("similarity/teacher_vs_student", *sample, step)

@@ -2,10 +2,11 @@
 from __future__ import annotations
 
 import math
-from typing import Any
+
+from dime_ds.config.schema import OptimConfig
 
 
-def lr_at(step: int, optim_cfg: Any) -> float:
+def lr_at(step: int, optim_cfg: OptimConfig) -> float:
     """Learning rate for optimizer step `step` (0-based)."""
     lr, warmup, total = optim_cfg.lr, optim_cfg.warmup_steps, optim_cfg.steps
     if warmup > 0 and step < warmup:

@@ -5,26 +5,19 @@ pretrained tag, local-dir: or hf-hub:."""
 from __future__ import annotations
 
 from pathlib import Path
-from types import SimpleNamespace
-from typing import Any
 
 import torch
 
+from dime_ds.config.schema import EvalConfig, TeacherConfig
 from dime_ds.errors import UserError
 from dime_ds.eval.features import Encoder
 from dime_ds.models import Teacher, TeacherWeightsError, load_teacher, student_preprocess_cfg, student_tokenizer
 from dime_ds.models.openclip_dir import CONFIG_NAME
+from dime_ds.models.precision import precision_for
 
 
 class EvalModelError(UserError, ValueError):
     """A model spec that names nothing loadable."""
-
-
-def eval_dtype(precision: str, device: torch.device) -> str:
-    """Evaluation runs fp32 on CPU (bf16 gains nothing there and rounds features), fp16 on GPUs."""
-    if precision == "auto":
-        return "fp16" if device.type == "cuda" else "fp32"
-    return precision
 
 
 def _image_params(module: torch.nn.Module) -> int:
@@ -40,9 +33,9 @@ def openclip_encoder(spec: str, pretrained: str | None, precision: str, device: 
                      key: str = "eval.model") -> Encoder:
     """An OpenCLIP model by name + tag, local-dir:/hf-hub:, or a plain path to a model directory."""
     arch = f"local-dir:{Path(spec).expanduser().resolve()}" if (Path(spec).expanduser() / CONFIG_NAME).is_file() else spec
-    cfg = SimpleNamespace(arch=arch, pretrained=pretrained, precision=eval_dtype(precision, device))
     try:
-        teacher = load_teacher(cfg, device)
+        teacher = load_teacher(TeacherConfig(arch=arch, pretrained=pretrained), device,
+                               precision_for("eval", device, precision))
     except TeacherWeightsError as err:
         raise EvalModelError(f"{key}={spec}: {err}") from None
     return teacher_encoder(teacher, name, spec + (f" ({pretrained})" if pretrained else ""))
@@ -54,13 +47,12 @@ def checkpoint_encoders(path: str, precision: str, device: torch.device, with_te
     from dime_ds.engine.consolidate import load_student  # the engine owns the checkpoint layout
 
     student, run_cfg = load_student(path)
-    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[eval_dtype(precision, device)]
+    policy = precision_for("eval", device, precision)
+    dtype = policy.dtype
     student = student.to(device, dtype).eval()
     teacher = None
     if with_teacher or not student.has_text:
-        teacher_cfg = SimpleNamespace(arch=run_cfg.teacher.arch, pretrained=run_cfg.teacher.pretrained,
-                                      precision=eval_dtype(precision, device))
-        teacher = load_teacher(teacher_cfg, device)
+        teacher = load_teacher(run_cfg.teacher, device, policy)
     if student.has_text:
         encode_text, tokenize = student.encode_text, student_tokenizer(student)
     else:  # student.text=teacher: the teacher's frozen text tower speaks for the student
@@ -77,7 +69,7 @@ def is_checkpoint(spec: str) -> bool:
     return path.is_dir() and not (path / CONFIG_NAME).is_file()
 
 
-def load_encoders(eval_cfg: Any, device: torch.device) -> list[Encoder]:
+def load_encoders(eval_cfg: EvalConfig, device: torch.device) -> list[Encoder]:
     """[model] or [teacher, model] for the eval section's model / teacher settings."""
     if not eval_cfg.model:
         raise EvalModelError("nothing to evaluate: set model=<run dir | checkpoint | OpenCLIP dir | OpenCLIP "

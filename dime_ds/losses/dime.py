@@ -19,21 +19,20 @@ global batch):
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
 
 import torch
+
+from dime_ds.config.schema import LossConfig
 
 from dime_ds.distributed import collectives as C
 from dime_ds.losses.functional import DimeFeatures, clip_loss_block, dime_losses_block, normalize
 
-LOSS_KEYS = ("w_vl", "w_pvl", "w_ud", "t_vl", "t_pvl", "t_ud", "scale")
+DIME_KEYS = ("w_vl", "w_pvl", "w_ud", "t_vl", "t_pvl", "t_ud", "scale")
 
 
-def loss_kwargs(loss_cfg: Any) -> dict[str, float]:
-    """Weights, temperatures and scale from a loss config (OmegaConf node, dataclass, any object with
-    those attributes, or a mapping); missing keys take the published defaults."""
-    get = loss_cfg.get if isinstance(loss_cfg, Mapping) else (lambda k, d=None: getattr(loss_cfg, k, d))
-    return {k: float(v) for k in LOSS_KEYS if (v := get(k, None)) is not None}
+def dime_kwargs(loss_cfg: LossConfig) -> dict[str, float]:
+    """The DIME-FM weights, temperatures and scale of a `loss` section (its defaults are the paper's)."""
+    return {k: float(getattr(loss_cfg, k)) for k in DIME_KEYS}
 
 
 def gather_features(feats: DimeFeatures) -> DimeFeatures:
@@ -45,13 +44,13 @@ def gather_features(feats: DimeFeatures) -> DimeFeatures:
 
 
 def dime_loss(t_img: torch.Tensor, t_txt: torch.Tensor, s_img: torch.Tensor, s_txt: torch.Tensor,
-              loss_cfg: Any) -> dict[str, torch.Tensor]:
+              loss_cfg: LossConfig) -> dict[str, torch.Tensor]:
     """This rank's DIME-FM losses (`vl`, `pvl`, `ud`, `total`) from its raw local embeddings.
     `s_txt is t_txt` means the student uses the teacher's frozen text tower. See the module docstring
     for the equal-share requirement and how the local losses relate to the global batch; use
     `reduce_for_logging` for the global values."""
     rows = DimeFeatures.of(t_img, t_txt, s_img, s_txt)
-    return dime_losses_block(rows, gather_features(rows), **loss_kwargs(loss_cfg))
+    return dime_losses_block(rows, gather_features(rows), **dime_kwargs(loss_cfg))
 
 
 def clip_loss(img: torch.Tensor, txt: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:

@@ -1,7 +1,8 @@
 """DIME-FM and CLIP losses as pure math on tensors. No collectives here: dime.py gathers the
 features across ranks and calls the row-block forms below (local rows against gathered columns), and
 the whole-batch forms call the same block functions with rows = columns, so both paths share one
-definition. Definitions: ../shared/DESIGN.md, "The method, precisely"."""
+definition. Definitions: docs/design.md, "The method, precisely". Weights and temperatures have no
+defaults here: their one owner is the `loss` config section (config/schema.py, LossConfig)."""
 from __future__ import annotations
 
 from typing import NamedTuple
@@ -44,10 +45,8 @@ class DimeFeatures(NamedTuple):
         return self.s_txt is not self.t_txt
 
 
-def dime_losses_block(rows: DimeFeatures, cols: DimeFeatures, *,
-                      w_vl: float = 0.7, w_pvl: float = 0.3, w_ud: float = 0.0,
-                      t_vl: float = 1.0, t_pvl: float = 3.0, t_ud: float = 7.0,
-                      scale: float = 100.0) -> dict[str, torch.Tensor]:
+def dime_losses_block(rows: DimeFeatures, cols: DimeFeatures, *, w_vl: float, w_pvl: float, w_ud: float,
+                      t_vl: float, t_pvl: float, t_ud: float, scale: float) -> dict[str, torch.Tensor]:
     """DIME-FM losses of a block of rows (images and sentences) against all columns, each KL term
     averaged over the block's own rows (images for image rows, sentences for sentence rows).
 
@@ -71,9 +70,8 @@ def dime_losses_block(rows: DimeFeatures, cols: DimeFeatures, *,
 
 
 def dime_losses(t_img: torch.Tensor, t_txt: torch.Tensor, s_img: torch.Tensor, s_txt: torch.Tensor, *,
-                w_vl: float = 0.7, w_pvl: float = 0.3, w_ud: float = 0.0,
-                t_vl: float = 1.0, t_pvl: float = 3.0, t_ud: float = 7.0,
-                scale: float = 100.0) -> dict[str, torch.Tensor]:
+                w_vl: float, w_pvl: float, w_ud: float, t_vl: float, t_pvl: float, t_ud: float,
+                scale: float) -> dict[str, torch.Tensor]:
     """DIME-FM losses over one whole batch of unpaired images and sentences.
 
     Inputs are raw embeddings, rows are samples; `s_txt` may be `t_txt` itself (the student uses

@@ -1,25 +1,49 @@
-"""Which device and which half precision: fp16 on GPUs, bf16 on CPUs (fp16 matmuls are slow or
-missing there). The same code path runs on both; only these two answers differ."""
+"""The one precision policy: which dtype each role computes in on which device, and the names that
+dtype goes by (config strings, open_clip's `precision=`, DeepSpeed's config section). Every
+`precision: auto` in the configs is resolved here, from one table, so the answers cannot drift.
+
+Why the table says what it says:
+- teacher: frozen and only run forward, so half precision; fp16 on GPUs (fast everywhere), bf16 on
+  CPUs (fp16 matmuls are slow or missing there).
+- student: trained, so bf16 where the hardware has it (CPUs, Ampere and later GPUs: no loss scaling);
+  fp16 on older GPUs, which DeepSpeed then loss-scales.
+- eval: fp16 on GPUs; fp32 on CPUs, where bf16 gains nothing and rounds the features."""
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
-OPEN_CLIP_PRECISION = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
+
+@dataclass(frozen=True)
+class Precision:
+    name: str  # fp32 | bf16 | fp16: the config string, DeepSpeed's section name and open_clip's precision=
+    dtype: torch.dtype
+
+    @property
+    def half(self) -> bool:
+        return self.dtype != torch.float32
 
 
-def resolve_device(device: str = "auto") -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise RuntimeError(f"device={device!r} was asked for, but torch sees no CUDA device; use device=cpu")
-    return torch.device(device)
+PRECISIONS = {p.name: p for p in (Precision("fp32", torch.float32), Precision("bf16", torch.bfloat16),
+                                  Precision("fp16", torch.float16))}
+ROLES = ("teacher", "student", "eval")
+# role -> (on CUDA, on any other device)
+AUTO = {"teacher": ("fp16", "bf16"), "student": ("bf16", "bf16"), "eval": ("fp16", "fp32")}
 
 
-def compute_dtype(precision: str, device: torch.device) -> torch.dtype:
-    """`auto` is fp16 on CUDA and bf16 elsewhere."""
-    if precision == "auto":
-        return torch.float16 if device.type == "cuda" else torch.bfloat16
-    return {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[precision]
+def precision_for(role: str, device: torch.device, precision: str = "auto") -> Precision:
+    """The precision a role computes in on `device`; `precision` is a config value (auto or a name)."""
+    if role not in AUTO:
+        raise ValueError(f"unknown precision role {role!r}; one of {', '.join(ROLES)}")
+    if precision != "auto":
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision={precision!r} is not one of auto, {', '.join(PRECISIONS)}")
+        return PRECISIONS[precision]
+    name = AUTO[role][0 if device.type == "cuda" else 1]
+    if name == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        name = "fp16"  # pre-Ampere GPUs
+    return PRECISIONS[name]
 
 
 def lift_scalar_parameters(module: torch.nn.Module) -> int:

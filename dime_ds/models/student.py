@@ -5,7 +5,7 @@ into the teacher's space; export folds that projection into the tower's own."""
 from __future__ import annotations
 
 import copy
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Mapping, NamedTuple
 
 import open_clip
 import torch
@@ -14,6 +14,9 @@ from torch import nn
 
 from dime_ds.errors import UserError
 
+if TYPE_CHECKING:
+    from dime_ds.config.schema import StudentConfig, TeacherConfig
+
 OPEN_CLIP_KEYS = ("embed_dim", "vision_cfg", "text_cfg", "quick_gelu", "init_logit_scale")
 
 
@@ -21,7 +24,7 @@ class StudentConfigError(UserError, ValueError):
     """A student section that cannot be built as asked."""
 
 
-def student_model_cfg(student_cfg: Any) -> dict:
+def student_model_cfg(student_cfg: StudentConfig) -> dict:
     """The OpenCLIP model config of the student section: inline `model_cfg`, else the named arch."""
     if student_cfg.model_cfg is not None:
         cfg = OmegaConf.to_container(student_cfg.model_cfg, resolve=True) \
@@ -35,6 +38,16 @@ def student_model_cfg(student_cfg: Any) -> dict:
         raise StudentConfigError(f"student {student_cfg.arch!r}: towers from HF/timm hubs need downloads; "
                                  "use a native OpenCLIP ViT config")
     return cfg
+
+
+class StudentOutput(NamedTuple):
+    """What a student forward returns; each field None when it was not asked for or does not exist."""
+
+    image: torch.Tensor | None
+    text: torch.Tensor | None
+    # The learned CLIP logit scale (student.text=own), computed inside the forward so that a ZeRO-3
+    # engine has it gathered; DIME-FM fixes its scale and ignores it.
+    logit_scale: torch.Tensor | None = None
 
 
 class Student(nn.Module):
@@ -71,11 +84,12 @@ class Student(nn.Module):
     def context_length(self) -> int:
         return int(self.model_cfg["text_cfg"].get("context_length", 77))
 
-    def forward(self, images: torch.Tensor | None = None, tokens: torch.Tensor | None = None):
-        """(image embeddings, text embeddings), each None when its input is. Engines call this:
-        ZeRO-3 gathers partitioned parameters around module forwards."""
-        return (self.encode_image(images) if images is not None else None,
-                self.encode_text(tokens) if tokens is not None else None)
+    def forward(self, images: torch.Tensor | None = None, tokens: torch.Tensor | None = None) -> StudentOutput:
+        """Raw embeddings of what was given. Engines call this: ZeRO-3 gathers partitioned parameters
+        around module forwards."""
+        return StudentOutput(self.encode_image(images) if images is not None else None,
+                             self.encode_text(tokens) if tokens is not None else None,
+                             self.logit_scale.clone() if self.logit_scale is not None and tokens is not None else None)
 
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
         x = self.visual(images)
@@ -121,7 +135,7 @@ def _fold(tower_proj: torch.Tensor | None, head: nn.Linear | None) -> torch.Tens
     return tower_proj.detach() @ head.weight.detach().t()
 
 
-def build_student(student_cfg: Any, target_dim: int | None = None, quick_gelu: bool | None = None) -> Student:
+def build_student(student_cfg: StudentConfig, target_dim: int | None = None, quick_gelu: bool | None = None) -> Student:
     """A randomly initialised student from the `student` config section. `quick_gelu` (None: the
     student config's own) sets the activation of both towers, as OpenCLIP's flag does."""
     model_cfg = student_model_cfg(student_cfg)
@@ -136,13 +150,14 @@ def build_student(student_cfg: Any, target_dim: int | None = None, quick_gelu: b
     return Student(model_cfg, student_cfg.text, target_dim)
 
 
-def build_run_student(cfg: Any, target_dim: int | None = None) -> Student:
-    """The student a run trains (root config): one that borrows the teacher's text tower takes the
-    teacher's activation, so that the exported model is one coherent OpenCLIP config."""
+def build_run_student(student_cfg: StudentConfig, teacher_cfg: TeacherConfig, target_dim: int | None = None
+                      ) -> Student:
+    """The student a run trains: one that borrows the teacher's text tower takes the teacher's
+    activation, so that the exported model is one coherent OpenCLIP config."""
     from dime_ds.models.teacher import teacher_quick_gelu
 
-    quick_gelu = teacher_quick_gelu(cfg.teacher) if cfg.student.text == "teacher" else None
-    return build_student(cfg.student, target_dim, quick_gelu)
+    quick_gelu = teacher_quick_gelu(teacher_cfg) if student_cfg.text == "teacher" else None
+    return build_student(student_cfg, target_dim, quick_gelu)
 
 
 def student_preprocess_cfg(model_cfg: Mapping[str, Any]) -> dict:

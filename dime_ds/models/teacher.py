@@ -6,7 +6,7 @@ from __future__ import annotations
 import copy
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 import open_clip
 from open_clip.factory import parse_model_name
@@ -16,7 +16,10 @@ import torch
 from torch import nn
 
 from dime_ds.errors import UserError
-from dime_ds.models.precision import OPEN_CLIP_PRECISION, compute_dtype
+from dime_ds.models.precision import Precision, precision_for
+
+if TYPE_CHECKING:
+    from dime_ds.config.schema import TeacherConfig
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pth", ".pt")
 OFFLINE_HINT = (
@@ -106,7 +109,7 @@ def _tag_quick_gelu(arch: str, pretrained: str | None) -> bool:
     return bool(open_clip.get_pretrained_cfg(arch, pretrained).get("quick_gelu", False))
 
 
-def teacher_quick_gelu(teacher_cfg: Any) -> bool:
+def teacher_quick_gelu(teacher_cfg: TeacherConfig) -> bool:
     """Whether the teacher built by `load_teacher` uses QuickGELU, from its configs alone (no weights).
     A student that borrows the teacher's text tower must use the same activation: OpenCLIP builds
     both towers of one model from a single `quick_gelu` flag."""
@@ -126,17 +129,19 @@ def uses_quick_gelu(module: nn.Module) -> bool:
     return any(isinstance(m, QuickGELU) for m in module.modules())
 
 
-def load_teacher(teacher_cfg: Any, device: torch.device) -> Teacher:
-    """Build the frozen teacher from the `teacher` config section on `device`."""
+def load_teacher(teacher_cfg: TeacherConfig, device: torch.device, precision: Precision | None = None) -> Teacher:
+    """Build the frozen teacher from the `teacher` config section on `device`, in `precision`
+    (default: the teacher's, from teacher.precision; evaluation and export pass their own)."""
     arch, pretrained = teacher_cfg.arch, teacher_cfg.pretrained
     _check_source(arch, pretrained)
-    dtype = compute_dtype(teacher_cfg.precision, device)
+    precision = precision or precision_for("teacher", device, teacher_cfg.precision)
+    dtype = precision.dtype
     force_quick_gelu = _tag_quick_gelu(arch, pretrained)
     try:
         model = open_clip.create_model(
             arch,
             pretrained=pretrained,
-            precision=OPEN_CLIP_PRECISION[dtype],
+            precision=precision.name,
             device=device,
             require_pretrained=True,
             weights_only=True,  # never unpickle a checkpoint

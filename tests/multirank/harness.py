@@ -18,8 +18,9 @@ reads a torchrun-shaped world, and DeepSpeed finds what it looks for), one torch
 gloo process group made by `dime_ds.distributed.env.init_distributed`, destroyed when `fn` returns.
 `run_ranks` returns `fn(rank, world_size, *args)` of every rank, in rank order; the results must be
 picklable (tensors are fine: they are pickled by value). An exception on any rank is raised here
-as `RankError` with the remote traceback, and the other ranks are killed (they would otherwise wait
-in a collective). Ranks still running after `timeout` seconds are killed and `TimeoutError` raised.
+as `RankError` with the remote tracebacks of every rank that failed within ERROR_GRACE_S of the
+first, in rank order; the ranks still running then are killed (they would otherwise wait in a
+collective). Ranks still running after `timeout` seconds are killed and `TimeoutError` raised.
 `env` adds environment variables to every rank. Do not create a process group in the parent.
 """
 from __future__ import annotations
@@ -31,6 +32,9 @@ import time
 import traceback
 from multiprocessing.connection import wait
 from typing import Any, Callable, Mapping
+
+# After one rank fails, how long the others get to report their own errors before they are killed.
+ERROR_GRACE_S = 5.0
 
 __all__ = ["RankError", "run_ranks"]
 
@@ -83,13 +87,18 @@ def run_ranks(fn: Callable[..., Any], world_size: int = 2, *args: Any, timeout: 
         conns.append(recv)
 
     results: dict[int, Any] = {}
-    errors: list[str] = []
+    errors: list[tuple[int, str]] = []
+    grace_deadline = 0.0
     pending = dict(enumerate(conns))
     deadline = time.monotonic() + timeout
     try:
-        while pending and not errors:
+        while pending:
             left = deadline - time.monotonic()
-            if left <= 0:
+            if errors:  # the others' own errors (often "connection closed by peer") follow within moments
+                left = min(left, grace_deadline - time.monotonic())
+                if left <= 0:
+                    break
+            elif left <= 0:
                 raise TimeoutError(f"ranks {sorted(pending)} of {world_size} still running after {timeout:.0f} s")
             for conn in wait(list(pending.values()), timeout=left):
                 rank = next(r for r, c in pending.items() if c is conn)
@@ -102,9 +111,11 @@ def run_ranks(fn: Callable[..., Any], world_size: int = 2, *args: Any, timeout: 
                 if status == "ok":
                     results[rank] = payload
                 else:
-                    errors.append(payload)
-        if errors:
-            raise RankError("\n".join(errors))
+                    if not errors:
+                        grace_deadline = time.monotonic() + ERROR_GRACE_S
+                    errors.append((rank, payload))
+        if errors:  # every rank's error, in rank order: the first to arrive is not always the cause
+            raise RankError("\n".join(payload for _, payload in sorted(errors)))
     finally:
         for p in procs:
             if p.is_alive() and (errors or pending):

@@ -57,10 +57,11 @@ def test_zero_stages_agree(zero_runs):
 
 
 def _teacher_embeddings(rank, world_size, overrides, images, tokens):
-    from dime_ds.engine.teacher_source import TeacherSource
+    from dime_ds.engine.zero3_teacher import zero3_inference
+    from dime_ds.objectives.teacher_source import TeacherSource
 
     cfg = load_config(overrides)
-    source = TeacherSource(cfg, torch.device("cpu"), micro_batch=4)
+    source = TeacherSource(cfg.teacher, torch.device("cpu"), 4, zero3_wrap=zero3_inference)
     return source.embed(images, tokens)
 
 

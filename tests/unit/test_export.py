@@ -10,7 +10,6 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
-from types import SimpleNamespace
 
 import open_clip
 import pytest
@@ -131,7 +130,7 @@ def test_export_text_teacher_loads_in_plain_openclip(run_text_teacher, quickgelu
     assert info["preprocessed"] == [3, 32, 32]
 
     student, cfg = load_student(run_text_teacher)
-    teacher = load_teacher(SimpleNamespace(arch=cfg.teacher.arch, pretrained=None, precision="fp32"), CPU)
+    teacher = load_teacher(TeacherConfig(arch=cfg.teacher.arch, pretrained=None, precision="fp32"), CPU)
     with torch.no_grad():
         _assert_rel_close(plain["image"], student.encode_image(_images()))
         assert torch.equal(plain["tokens"], teacher.tokenizer(TEXTS))
@@ -224,10 +223,9 @@ def test_student_borrowing_the_text_tower_takes_the_teachers_activation(tiny_tea
         teacher_cfg = TeacherConfig(arch=f"local-dir:{teacher_dir}", pretrained=None, precision="fp32")
         assert teacher_quick_gelu(teacher_cfg) is quick
         assert uses_quick_gelu(load_teacher(teacher_cfg, CPU).model) is quick
-        cfg = SimpleNamespace(teacher=teacher_cfg, student=student_cfg)
-        assert uses_quick_gelu(build_run_student(cfg, 32)) is quick
+        assert uses_quick_gelu(build_run_student(student_cfg, teacher_cfg, 32)) is quick
         own = OmegaConf.structured(StudentConfig(arch="tiny", model_cfg=tiny_model_cfg(16, 24), text="own"))
-        assert not uses_quick_gelu(build_run_student(SimpleNamespace(teacher=teacher_cfg, student=own), 32))
+        assert not uses_quick_gelu(build_run_student(own, teacher_cfg, 32))
     # OpenAI's weights were trained with QuickGELU; open_clip's ViT-L-14 config alone says GELU.
     assert teacher_quick_gelu(TeacherConfig(arch="ViT-L-14", pretrained="openai"))
     assert not teacher_quick_gelu(TeacherConfig(arch="ViT-L-14", pretrained="laion2b_s32b_b82k"))

@@ -6,7 +6,11 @@ import math
 import pytest
 import torch
 
+from dime_ds.config.schema import LossConfig
+from dime_ds.losses.dime import dime_kwargs
 from dime_ds.losses.functional import clip_loss, dime_losses
+
+PAPER = dime_kwargs(LossConfig())  # the schema's defaults, their one owner
 
 
 def _unit(x):
@@ -44,7 +48,7 @@ def test_dime_losses_match_the_formulas(n_img, n_txt, dim, own_text):
     s_txt = t_txt + 0.5 * torch.randn(n_txt, dim, generator=g) if own_text else t_txt
     weights, temps = (0.5, 0.2, 0.3), (1.5, 3.0, 7.0)
     got = dime_losses(t_img, t_txt, s_img, s_txt, w_vl=weights[0], w_pvl=weights[1], w_ud=weights[2],
-                      t_vl=temps[0], t_pvl=temps[1], t_ud=temps[2])
+                      t_vl=temps[0], t_pvl=temps[1], t_ud=temps[2], scale=100.0)
     want = _reference(t_img, t_txt, s_img, s_txt, own_text, weights, temps)
     for key in ("vl", "pvl", "ud", "total"):
         assert got[key].item() == pytest.approx(want[key], rel=1e-4, abs=1e-6), key
@@ -52,13 +56,17 @@ def test_dime_losses_match_the_formulas(n_img, n_txt, dim, own_text):
 
 def test_student_equal_to_teacher_has_zero_loss():
     t_img, t_txt = torch.randn(5, 8), torch.randn(7, 8)
-    out = dime_losses(t_img, t_txt, 3.0 * t_img, t_txt, w_ud=1.0)  # scale-invariant: cosine similarities
+    out = dime_losses(t_img, t_txt, 3.0 * t_img, t_txt, **{**PAPER, "w_ud": 1.0})  # scale-invariant: cosine similarities
     assert all(abs(out[k].item()) < 1e-5 for k in ("vl", "pvl", "ud", "total"))
 
 
 def test_default_weights_are_the_published_ones():
+    from dime_ds.config import load_config
+
+    assert PAPER == dict(w_vl=0.7, w_pvl=0.3, w_ud=0.0, t_vl=1.0, t_pvl=3.0, t_ud=7.0, scale=100.0)
+    assert dime_kwargs(load_config([]).loss) == PAPER  # no YAML restates (or changes) them
     t_img, t_txt, s_img = torch.randn(4, 8), torch.randn(4, 8), torch.randn(4, 8)
-    out = dime_losses(t_img, t_txt, s_img, t_txt)
+    out = dime_losses(t_img, t_txt, s_img, t_txt, **PAPER)
     torch.testing.assert_close(out["total"], 0.7 * out["vl"] + 0.3 * out["pvl"])
 
 
@@ -81,7 +89,7 @@ def test_row_blocks_average_to_the_whole_batch(own_text):
     t_img, t_txt = torch.randn(6, 8, generator=g), torch.randn(9, 8, generator=g)
     s_img = t_img + torch.randn(6, 8, generator=g)
     s_txt = t_txt + torch.randn(9, 8, generator=g) if own_text else t_txt
-    cfg = dict(w_vl=0.5, w_pvl=0.2, w_ud=0.3)
+    cfg = {**PAPER, "w_vl": 0.5, "w_pvl": 0.2, "w_ud": 0.3}
     want = dime_losses(t_img, t_txt, s_img, s_txt, **cfg)
     cols = DimeFeatures.of(t_img, t_txt, s_img, s_txt)
     assert cols.own_text == own_text
@@ -98,8 +106,8 @@ def test_row_blocks_average_to_the_whole_batch(own_text):
 
 def test_teacher_text_tower_has_no_sentence_ud_term():
     t_img, t_txt, s_img = torch.randn(5, 8), torch.randn(7, 8), torch.randn(5, 8)
-    frozen = dime_losses(t_img, t_txt, s_img, t_txt, w_ud=1.0)
-    copy = dime_losses(t_img, t_txt, s_img, t_txt.clone(), w_ud=1.0)  # same values, "own" tower
+    frozen = dime_losses(t_img, t_txt, s_img, t_txt, **{**PAPER, "w_ud": 1.0})
+    copy = dime_losses(t_img, t_txt, s_img, t_txt.clone(), **{**PAPER, "w_ud": 1.0})  # same values, "own" tower
     assert frozen["ud"].item() == pytest.approx(copy["ud"].item(), abs=1e-5)
     image_only = 2 * _kl_rows(100 * _unit(t_img.double()) @ _unit(t_img.double()).T,
                               100 * _unit(s_img.double()) @ _unit(s_img.double()).T, 7.0)
@@ -111,16 +119,15 @@ def test_distributed_losses_in_one_process_are_the_functional_ones():
 
     from omegaconf import OmegaConf
 
-    from dime_ds.config.schema import LossConfig
     from dime_ds.losses import dime
 
     t_img, t_txt, s_img, s_txt = torch.randn(4, 8), torch.randn(6, 8), torch.randn(4, 8), torch.randn(6, 8)
     cfg = dict(w_vl=0.4, w_pvl=0.1, w_ud=0.5, t_vl=2.0, t_pvl=4.0, t_ud=5.0, scale=50.0)
     want = dime_losses(t_img, t_txt, s_img, s_txt, **cfg)
-    for loss_cfg in (SimpleNamespace(**cfg), cfg, OmegaConf.merge(OmegaConf.structured(LossConfig), cfg)):
+    for loss_cfg in (SimpleNamespace(**cfg), LossConfig(**cfg), OmegaConf.merge(OmegaConf.structured(LossConfig), cfg)):
         got = dime.dime_loss(t_img, t_txt, s_img, s_txt, loss_cfg)
         assert dime.reduce_for_logging(got) == pytest.approx({k: v.item() for k, v in want.items()})
     defaults = dime.dime_loss(t_img, t_txt, s_img, t_txt, OmegaConf.structured(LossConfig))
-    torch.testing.assert_close(defaults["total"], dime_losses(t_img, t_txt, s_img, t_txt)["total"])
+    torch.testing.assert_close(defaults["total"], dime_losses(t_img, t_txt, s_img, t_txt, **PAPER)["total"])
     scale = torch.tensor(2.0)
     torch.testing.assert_close(dime.clip_loss(s_img, t_img, scale), clip_loss(s_img, t_img, scale))

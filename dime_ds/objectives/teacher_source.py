@@ -1,25 +1,26 @@
 """Where the teacher's embeddings come from, per `teacher.shard` and `teacher.source`:
 - replicate: a frozen half-precision copy on every rank;
 - zero3: the same teacher wrapped by a ZeRO-3 engine with no optimizer, parameters partitioned
-  across ranks and gathered per module forward (teachers too big to replicate);
+  across ranks and gathered per module forward (teachers too big to replicate); the engine package
+  builds that wrapper (it alone imports deepspeed) and hands it in;
 - cache: embeddings the embed stage wrote, looked up by sample key; no teacher forward at all."""
 from __future__ import annotations
 
 import logging
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
-from omegaconf import OmegaConf
 from torch import nn
 
+from dime_ds.config.schema import TeacherConfig
 from dime_ds.data.embeddings import EmbeddingCache
-from dime_ds.models import Teacher, load_teacher
-from dime_ds.models.precision import compute_dtype, lift_scalar_parameters
+from dime_ds.models import PRECISIONS, Teacher, load_teacher, precision_for
+from dime_ds.models.precision import Precision, lift_scalar_parameters
 
 log = logging.getLogger(__name__)
 
 
-class _TeacherForward(nn.Module):
+class TeacherForward(nn.Module):
     """forward(images, tokens) -> raw embeddings: the shape a DeepSpeed engine wants to wrap."""
 
     def __init__(self, teacher: Teacher):
@@ -31,44 +32,47 @@ class _TeacherForward(nn.Module):
                 self.model.encode_text(tokens) if tokens is not None else None)
 
 
+Zero3Wrap = Callable[[nn.Module, Precision, int], Any]
+
+
 class TeacherSource:
-    def __init__(self, cfg: Any, device: torch.device, micro_batch: int):
-        self.mode = "cache" if cfg.teacher.source == "cache" else cfg.teacher.shard
+    def __init__(self, teacher_cfg: TeacherConfig, device: torch.device, micro_batch: int, *,
+                 augmented: bool = False, zero3_wrap: Zero3Wrap | None = None):
+        self.mode = "cache" if teacher_cfg.source == "cache" else teacher_cfg.shard
         self.device = device
-        self.teacher: Teacher | None = None
+        self.teacher: Teacher | None = None  # the live model (replicate, zero3); None for a cache
         self._engine = None
         if self.mode == "cache":
-            self.images = EmbeddingCache(f"{cfg.teacher.cache_dir}/images")
-            self.texts = EmbeddingCache(f"{cfg.teacher.cache_dir}/texts")
+            self.images = EmbeddingCache(f"{teacher_cfg.cache_dir}/images")
+            self.texts = EmbeddingCache(f"{teacher_cfg.cache_dir}/texts")
             if self.images.dim != self.texts.dim:
-                raise ValueError(f"teacher cache {cfg.teacher.cache_dir}: image dim {self.images.dim} "
+                raise ValueError(f"teacher cache {teacher_cfg.cache_dir}: image dim {self.images.dim} "
                                  f"!= text dim {self.texts.dim}")
             self.embed_dim = self.images.dim
-            if cfg.data.augment:
+            if augmented:
                 log.warning("teacher.source=cache with data.augment=true: cached teacher embeddings are of "
                             "unaugmented images while the student sees augmented ones")
             return
         if self.mode == "zero3":
-            self._build_zero3(cfg, device, micro_batch)
+            if zero3_wrap is None:
+                raise ValueError("teacher.shard=zero3 needs the engine's ZeRO-3 inference wrapper")
+            self._build_zero3(teacher_cfg, device, micro_batch, zero3_wrap)
         else:
-            self.teacher = load_teacher(cfg.teacher, device)
+            self.teacher = load_teacher(teacher_cfg, device)
         self.embed_dim = self.teacher.embed_dim
 
-    def _build_zero3(self, cfg: Any, device: torch.device, micro_batch: int) -> None:
+    def _build_zero3(self, teacher_cfg: TeacherConfig, device: torch.device, micro_batch: int,
+                     wrap: Zero3Wrap) -> None:
         """Loaded in fp32, then cast whole by the engine: DeepSpeed's half precision covers every
         parameter, which open_clip's fp32-LayerNorm mixed precision would contradict."""
-        import deepspeed
-
-        from dime_ds.engine.ds_config import inference_ds_config
-
-        self.dtype = compute_dtype(cfg.teacher.precision, device)
-        fp32_cfg = OmegaConf.merge(cfg.teacher, {"precision": "fp32"})
-        self.teacher = load_teacher(fp32_cfg, device)
+        self.precision = precision_for("teacher", device, teacher_cfg.precision)
+        self.teacher = load_teacher(teacher_cfg, device, PRECISIONS["fp32"])
         lift_scalar_parameters(self.teacher.model)
-        precision = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(self.dtype, "fp32")
-        self._engine, *_ = deepspeed.initialize(model=_TeacherForward(self.teacher),
-                                                config=inference_ds_config(precision, micro_batch))
-        self._engine.eval()
+        self._engine = wrap(TeacherForward(self.teacher), self.precision, micro_batch)
+
+    @property
+    def live(self) -> bool:
+        return self.teacher is not None
 
     @property
     def tokenizer(self):
@@ -87,8 +91,7 @@ class TeacherSource:
             return (self.images.lookup(list(image_keys)).to(self.device) if len(image_keys) else None,
                     self.texts.lookup(list(text_keys)).to(self.device) if len(text_keys) else None)
         if self.mode == "zero3":
-            dtype = self.dtype
-            img, txt = self._engine(images.to(self.device, dtype) if images is not None else None,
+            img, txt = self._engine(images.to(self.device, self.precision.dtype) if images is not None else None,
                                     tokens.to(self.device) if tokens is not None else None)
             return (img.float() if img is not None else None, txt.float() if txt is not None else None)
         return (self.teacher.encode_image(images) if images is not None else None,

@@ -1,0 +1,120 @@
+"""DIME-FM: unpaired images and unpaired sentences, a frozen teacher (live, ZeRO-3 sharded or read
+from the embed stage's cache), and the KD terms L_vl, L_pvl, L_ud over the global batch."""
+from __future__ import annotations
+
+
+import torch
+import torch.nn.functional as F
+
+from dime_ds.config.schema import DataConfig, LossConfig, RootConfig, TeacherConfig
+from dime_ds.data.loaders import BatchStream, image_batches, text_batches
+from dime_ds.data.pipelines import image_transform, preprocess_size
+from dime_ds.data.shards import list_shards
+from dime_ds.eval.features import Encoder
+from dime_ds.losses.dime import dime_loss
+from dime_ds.models import PRECISIONS, Student, student_preprocess_cfg, student_tokenizer
+from dime_ds.objectives.base import Objective, RunContext, StudentForward
+from dime_ds.objectives.teacher_source import TeacherSource
+
+
+def repreprocess(images: torch.Tensor, src: dict, dst: dict) -> torch.Tensor:
+    """Images transformed at preprocessing `src` as if at `dst`: resized, renormalised."""
+    if preprocess_size(src) != preprocess_size(dst):
+        images = F.interpolate(images, size=preprocess_size(dst), mode="bicubic", antialias=True, align_corners=False)
+    if list(src["mean"]) != list(dst["mean"]) or list(src["std"]) != list(dst["std"]):
+        def vec(v):
+            return torch.tensor(v, dtype=images.dtype).view(1, -1, 1, 1)
+        images = (images * vec(src["std"]) + vec(src["mean"]) - vec(dst["mean"])) / vec(dst["std"])
+    return images
+
+
+class DimeObjective(Objective):
+    name = "dime"
+
+    def __init__(self, teacher_cfg: TeacherConfig, data_cfg: DataConfig, loss_cfg: LossConfig, ctx: RunContext):
+        self.data_cfg, self.loss_cfg, self.ctx = data_cfg, loss_cfg, ctx
+        self.teacher = TeacherSource(teacher_cfg, ctx.device, ctx.micro_batch, augmented=data_cfg.augment,
+                                     zero3_wrap=ctx.zero3_wrap)
+        self.target_dim = self.teacher.embed_dim
+        self.images: BatchStream | None = None
+        self.texts: BatchStream | None = None
+        self.student_preprocess: dict | None = None
+        self.student_tokenize = None  # the student's own tokenizer when it has a text tower
+        self._last: tuple[torch.Tensor, ...] | None = None  # the last batch's embeddings, for the TB image
+
+    @classmethod
+    def from_config(cls, cfg: RootConfig, ctx: RunContext) -> "DimeObjective":
+        return cls(cfg.teacher, cfg.data, cfg.loss, ctx)
+
+    # ------------------------------------------------------------------ streams
+    def start(self, student: Student, state: dict | None) -> None:
+        data, ctx, state = self.data_cfg, self.ctx, state or {}
+        self.student_preprocess = student_preprocess_cfg(student.model_cfg)
+        self.student_tokenize = student_tokenizer(student) if student.has_text else None
+        common = dict(seed=ctx.seed, rank=ctx.world.rank, world=ctx.world.world_size, workers=data.workers,
+                      shuffle_buffer=data.shuffle_buffer)
+        transform = image_transform(self._stream_preprocess(), train=data.augment, crop_scale_min=data.crop_scale_min)
+        self.images = image_batches(list_shards(data.images), transform, ctx.micro_batch,
+                                    start=state.get("images"), **common)
+        tokenize = self.teacher.tokenizer or self.student_tokenize  # None: keys are all the cache needs
+        self.texts = text_batches(list_shards(data.texts), tokenize, ctx.micro_batch, start=state.get("texts"), **common)
+
+    def _stream_preprocess(self) -> dict:
+        """Images are transformed once, at the teacher's preprocessing when a live teacher runs."""
+        return self.teacher.preprocess_cfg or self.student_preprocess
+
+    def state_dict(self) -> dict:
+        return {"images": self.images.state_dict(), "texts": self.texts.state_dict()}
+
+    def skipped(self) -> dict[str, int]:
+        return {"images": self.images.skipped, "texts": self.texts.skipped}
+
+    def next_batch(self) -> dict:
+        return {"images": next(self.images), "texts": next(self.texts)}
+
+    # ------------------------------------------------------------------ step
+    def targets(self, batch: dict) -> dict:
+        images, texts = batch["images"], batch["texts"]
+        t_img, t_txt = self.teacher.embed(images["images"], texts.get("tokens"), images["keys"], texts["keys"])
+        return {"image": t_img, "text": t_txt}
+
+    def student_features(self, student: StudentForward, batch: dict) -> dict:
+        device = self.ctx.device
+        images = repreprocess(batch["images"]["images"], self._stream_preprocess(), self.student_preprocess)
+        tokens = None
+        if self.student_tokenize is not None:
+            texts = batch["texts"]  # tokenized for the student already unless a live teacher needed its own tokens
+            tokens = (texts["tokens"] if self.teacher.tokenizer is None else self.student_tokenize(texts["texts"]))
+            tokens = tokens.to(device)
+        out = student(images=images.to(device, self.ctx.precision.dtype), tokens=tokens)
+        return {"image": out.image.float(), "text": out.text.float() if out.text is not None else None}
+
+    def losses(self, features: dict, targets: dict) -> dict[str, torch.Tensor]:
+        t_img, t_txt = targets["image"], targets["text"]
+        # No student text tower: the teacher's sentences speak for it (`s_txt is t_txt`).
+        s_img, s_txt = features["image"], t_txt if features["text"] is None else features["text"]
+        self._last = (t_img.detach(), t_txt.detach(), s_img.detach(), s_txt.detach())
+        return dime_loss(t_img, t_txt, s_img, s_txt, self.loss_cfg)
+
+    # ------------------------------------------------------------------ evaluation, reporting
+    def borrowed_text(self):
+        if not self.teacher.live:
+            return None  # a cached teacher has no text tower to lend
+        return (lambda tokens: self.teacher.embed(None, tokens)[1]), self.teacher.tokenizer
+
+    def teacher_encoder(self) -> Encoder | None:
+        if not self.teacher.live:
+            return None
+        return Encoder("teacher", lambda x: self.teacher.embed(x, None)[0], lambda t: self.teacher.embed(None, t)[1],
+                       self.teacher.tokenizer, self.teacher.preprocess_cfg, self.ctx.device, PRECISIONS["fp32"].dtype)
+
+    def similarity_sample(self, n: int = 16):
+        if self._last is None:
+            return None
+        t_img, t_txt, s_img, s_txt = (F.normalize(x[:n], dim=-1) for x in self._last)
+        return t_img @ t_txt.t(), s_img @ s_txt.t()
+
+    def info(self) -> dict:
+        if not self.teacher.live:
+            return {}
+        return {"teacher_image_params": sum(p.numel() for p in self.teacher.teacher.model.visual.parameters())}
