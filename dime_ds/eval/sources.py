@@ -138,7 +138,9 @@ class Reader(torch.utils.data.IterableDataset):
                 skipped.append(f"sample {sample['key']} of {self.split.data_dir}: no {self.need}")
                 continue
             sample["image"] = self.transform(sample["image"])
-            sample["skipped"], skipped = skipped, []
+            # A copy, and the same list emptied: iter_samples keeps appending to the list it was given.
+            sample["skipped"] = skipped[:]
+            skipped.clear()
             yield sample
         if skipped:
             yield {"skipped": skipped}
