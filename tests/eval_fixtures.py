@@ -55,8 +55,9 @@ def colour_encoder():
     return Encoder("colour", lambda x: x.mean(dim=(2, 3)), lambda t: t, tokenize, SOLID_PREPROCESS)
 
 
-def shards_to_imagefolder(shard_dir: Path, out: Path, classnames: list[str]) -> Path:
-    """Every labelled sample of `shard_dir` as out/<class>/<key>.png (lossless, so pixels match)."""
+def shards_to_imagefolder(shard_dir: Path, out: Path, classnames: list[str], by_name: bool = False) -> Path:
+    """Every labelled sample of `shard_dir` as out/<NN_class>/<key>.png (lossless, so pixels match);
+    `by_name`: folders named after their classes, out/<class>/<key>.png."""
     for tar_path in sorted(Path(shard_dir).glob("*.tar")):
         with tarfile.open(tar_path) as tar:
             samples: dict[str, dict] = {}
@@ -65,7 +66,7 @@ def shards_to_imagefolder(shard_dir: Path, out: Path, classnames: list[str]) -> 
                 samples.setdefault(key, {})[ext] = tar.extractfile(m).read()
         for key, s in samples.items():
             label = int(s["cls"])
-            folder = out / f"{label:02d}_{classnames[label]}"
+            folder = out / (classnames[label] if by_name else f"{label:02d}_{classnames[label]}")
             folder.mkdir(parents=True, exist_ok=True)
             Image.open(io.BytesIO(s["jpg"])).convert("RGB").save(folder / f"{key}.png")
     (out / "classnames.txt").write_text("\n".join(classnames) + "\n")

@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import io
 import json
+import logging
+import re
+import tarfile
 from typing import Any, Callable, Iterator, Mapping
 
 import torch
 from PIL import Image
 from torchvision import transforms as T
 
+log = logging.getLogger(__name__)
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 
 
@@ -20,6 +24,9 @@ class SampleError(ValueError):
 def decode_sample(sample: Mapping[str, Any]) -> dict:
     """Raw webdataset sample -> {key, url, image (PIL RGB), text, json, cls} with what it has."""
     out = {"key": sample.get("__key__"), "url": sample.get("__url__")}
+    if "__truncated__" in sample:
+        raise SampleError(f"sample {out['key']} in {out['url']}: the shard is truncated at byte "
+                          f"{sample['__truncated__']}; its last sample may be incomplete")
     try:
         for ext in IMAGE_EXTS:
             if ext in sample:
@@ -64,12 +71,72 @@ def image_transform(preprocess_cfg: Mapping[str, Any], train: bool, crop_scale_m
 
 
 def iter_tar_samples(urls: list[str]) -> Iterator[dict]:
-    """Raw samples of the given shards, in order (webdataset's tar reader, no splitting or shuffle)."""
-    import webdataset as wds
+    """Raw samples of the given shards, in order, grouped by key as webdataset groups them. A shard
+    that ends early (cut mid-header, mid-data or between members) yields its samples before the last
+    one, then the last as `{__key__, __url__, __truncated__: byte}`, which `decode_sample` refuses:
+    it may lack members, so it is counted as skipped instead of read whole or lost unseen."""
+    for url in urls:
+        yield from _shard_samples(url)
 
-    dataset = wds.WebDataset(urls, shardshuffle=False, nodesplitter=None, workersplitter=None,
-                             empty_check=False)
-    yield from dataset
+
+# tarfile's own messages for a stream that stops inside a member or a first header.
+_TRUNCATED = ("unexpected end of data", "truncated header", "empty file")
+
+
+class _Counted:
+    """A read-only stream that counts the bytes read from it: where a cut-short file ends."""
+
+    def __init__(self, fileobj):
+        self.fileobj, self.bytes = fileobj, 0
+
+    def read(self, size: int = -1) -> bytes:
+        data = self.fileobj.read(size)
+        self.bytes += len(data)
+        return data
+
+
+def _tar_files(url: str, end: dict) -> Iterator[dict]:
+    """The shard's files as webdataset's tar_file_iterator yields them; where the tar stops early,
+    `end["byte"]` is set to the byte its file ends at. tarfile ends quietly at a short header block
+    and raises inside a member or a first header, so both are looked at."""
+    from webdataset.gopen import gopen
+
+    with gopen(url) as raw:
+        fileobj = _Counted(raw)
+        try:
+            stream = tarfile.open(fileobj=fileobj, mode="r|*")
+            for info in stream:
+                if info.isreg() and not re.match(r"__[^/]*__($|/)", info.name):
+                    end["member"] = info.name  # the one being read, should it be cut
+                    yield {"fname": info.name, "data": stream.extractfile(info).read(), "__url__": url}
+        except tarfile.ReadError as err:
+            if not str(err).startswith(_TRUNCATED):
+                raise  # a garbled tar is not a truncated one
+            end["byte"] = fileobj.bytes
+            return
+        # A complete tar ends with a zero block; fewer than 512 bytes where a header belongs: cut short.
+        if stream.fileobj.tell() - stream.offset < tarfile.BLOCKSIZE:
+            end["byte"] = fileobj.bytes
+
+
+def _shard_samples(url: str) -> Iterator[dict]:
+    from webdataset.tariterators import base_plus_ext, group_by_keys
+
+    end: dict = {}
+    last = None
+    for sample in group_by_keys(_tar_files(url, end)):  # one sample held back: it may be the cut one
+        if last is not None:
+            yield last
+        last = sample
+    if "byte" in end:
+        key = base_plus_ext(end.get("member", ""))[0]  # the sample of the last member begun
+        if last is not None and last["__key__"] != key:  # a later sample's member was cut: last is whole
+            yield last
+        log.warning("shard %s is truncated at byte %d: its last sample (%s) is skipped, and any samples "
+                    "after it are lost", url, end["byte"], key)
+        last = {"__key__": key, "__url__": url, "__truncated__": end["byte"]}
+    if last is not None:
+        yield last
 
 
 def stack_images(images: list[torch.Tensor]) -> torch.Tensor:

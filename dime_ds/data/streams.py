@@ -35,7 +35,7 @@ from dime_ds.data.pipelines import SampleError, decode_sample, iter_tar_samples
 log = logging.getLogger(__name__)
 
 Cursor = tuple[int, int]  # (epoch, raw samples of that epoch already out of the shuffle buffer)
-_SAMPLE_META = ("__key__", "__url__")
+_SAMPLE_META = ("__key__", "__url__", "__truncated__")
 
 
 def salt_id(salt: str) -> int:

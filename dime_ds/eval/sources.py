@@ -5,7 +5,7 @@ ranks and loader workers are put back in the order one process would read them."
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -14,6 +14,7 @@ from PIL import Image
 
 from dime_ds.data.pipelines import IMAGE_EXTS, SampleError, decode_sample, iter_tar_samples
 from dime_ds.data.shards import list_shards
+from dime_ds.errors import UserError
 
 log = logging.getLogger(__name__)
 FILE_SUFFIXES = tuple(f".{e}" for e in IMAGE_EXTS)
@@ -22,6 +23,10 @@ SPLIT_NAMES = ("train", "val", "validation", "test")
 
 class EvalDataError(FileNotFoundError):
     """A dataset directory that holds neither shards nor an ImageFolder tree."""
+
+
+class LabelError(UserError, ValueError):
+    """Labels that do not fit the class names: scoring them would report a wrong accuracy."""
 
 
 @dataclass
@@ -35,6 +40,7 @@ class EvalSplit:
     shards: list[str] = field(default_factory=list)
     files: list[tuple[str, int]] = field(default_factory=list)  # imagefolder: (path, label)
     folder_classes: list[str] = field(default_factory=list)
+    num_classes: int | None = None  # set: a `cls` label outside [0, num_classes) is a LabelError
 
     def __len__(self) -> int:  # ImageFolder only: webdataset counts are learnt by reading
         return len(self.files)
@@ -76,6 +82,44 @@ def open_split(path: str | Path, split: str, classes: list[str] | None = None) -
     return EvalSplit(split, data_dir, root, "imagefolder", files=files, folder_classes=classes)
 
 
+def _class_name_of(folder: str, names: dict[str, list[int]]) -> str | None:
+    """The class name a folder is named after (as is, or with underscores as spaces), if any."""
+    return next((n for n in (folder, folder.replace("_", " ")) if n in names), None)
+
+
+def with_class_names(split: EvalSplit, classnames: list[str]) -> EvalSplit:
+    """The split with labels that index `classnames`. Shards: their `cls` labels are checked against
+    the count as they are read. ImageFolder: if every folder is named after a class (folder "dog",
+    or "golden_retriever" for "golden retriever"), each folder takes its name's index, whatever the
+    order of classnames.txt; if none is (ImageNet's n01440764, ImageNet-V2's 0..999, "00_red"),
+    folders in sorted order are labels 0, 1, ... (classnames.txt lists the classes in that order);
+    if some are and some are not, the split is refused, naming the first folder that is not."""
+    if split.format != "imagefolder":
+        return replace(split, num_classes=len(classnames))
+    names: dict[str, list[int]] = {}
+    for i, name in enumerate(classnames):
+        names.setdefault(name, []).append(i)
+    folders = split.folder_classes
+    named = [_class_name_of(f, names) for f in folders]
+    if not any(named):  # folder ids: labelled in sorted folder order, which must cover every class
+        if len(folders) != len(classnames):
+            raise LabelError(f"{split.data_dir}: {len(folders)} class folders but {len(classnames)} class "
+                             "names; an ImageFolder needs one folder per class name, in label order")
+        return replace(split, num_classes=len(classnames))
+    if not all(named):
+        bad = folders[named.index(None)]
+        good = folders[next(i for i, n in enumerate(named) if n)]
+        raise LabelError(f"{split.data_dir}: class folder {bad!r} is not a class name, but {good!r} is; "
+                         "name every folder after its class (labels are taken by name) or none of them "
+                         "(labels follow the sorted folder order)")
+    twice = next((n for n in named if len(names[n]) > 1), None)
+    if twice is not None:
+        raise LabelError(f"{split.data_dir}: folder {twice!r} matches class names {names[twice]} alike; "
+                         "labels by name need distinct class names")
+    label_of = [names[n][0] for n in named]
+    return replace(split, files=[(path, label_of[old]) for path, old in split.files], num_classes=len(classnames))
+
+
 def iter_samples(split: EvalSplit, shard_mine: Callable[[int], bool], sample_mine: Callable[[int], bool],
                  skipped: list) -> Iterator[dict]:
     """Decoded samples {key, image, label?, captions?} of the shards `shard_mine(shard index)` keeps
@@ -109,10 +153,18 @@ def iter_samples(split: EvalSplit, shard_mine: Callable[[int], bool], sample_min
                 continue
             out = {"key": (s, pos), "image": sample["image"]}
             if "cls" in sample:
-                out["label"] = sample["cls"]
+                out["label"] = _checked_label(split, sample["cls"], raw.get("__key__"), url)
             if "text" in sample:
                 out["captions"] = [c.strip() for c in sample["text"].splitlines() if c.strip()]
             yield out
+
+
+def _checked_label(split: EvalSplit, label: int, key: str | None, url: str) -> int:
+    n = split.num_classes
+    if n is not None and not 0 <= label < n:  # refused, not skipped: the shards and names disagree
+        raise LabelError(f"sample {key} in {url}: label {label}, but there are {n} class names "
+                         f"(labels 0..{n - 1}); check the dataset's classnames")
+    return label
 
 
 class Reader(torch.utils.data.IterableDataset):
@@ -138,7 +190,9 @@ class Reader(torch.utils.data.IterableDataset):
                 skipped.append(f"sample {sample['key']} of {self.split.data_dir}: no {self.need}")
                 continue
             sample["image"] = self.transform(sample["image"])
-            sample["skipped"], skipped = skipped, []
+            # A copy, and the same list emptied: iter_samples keeps appending to the list it was given.
+            sample["skipped"] = skipped[:]
+            skipped.clear()
             yield sample
         if skipped:
             yield {"skipped": skipped}

@@ -16,7 +16,7 @@ from dime_ds.distributed import collectives as C
 from dime_ds.eval.features import Encoder, extract
 from dime_ds.eval.linear_probe import linear_probe, stratified_split
 from dime_ds.eval.retrieval import retrieval_metrics
-from dime_ds.eval.sources import has_split, open_split
+from dime_ds.eval.sources import has_split, open_split, with_class_names
 from dime_ds.eval.templates import load_classnames, load_templates
 from dime_ds.eval.zeroshot import classifier_weights, zero_shot_metrics
 
@@ -59,9 +59,7 @@ def evaluate_suite(encoder: Encoder, eval_cfg: Any, tasks: Iterable[str] | None 
 def _zeroshot(encoder: Encoder, ds: Any, eval_cfg: Any, opts: dict) -> dict | None:
     split = open_split(ds.path, ds.split)
     classnames = load_classnames(ds.classnames, split.meta_dir, split.folder_classes)
-    if split.format == "imagefolder" and len(split.folder_classes) != len(classnames):
-        raise ValueError(f"{split.data_dir}: {len(split.folder_classes)} class folders but {len(classnames)} "
-                         "class names; an ImageFolder needs one folder per class name, in label order")
+    split = with_class_names(split, classnames)
     weights = classifier_weights(encoder.texts, classnames, load_templates(ds.templates, split.meta_dir))
     feats = extract(split, encoder, **opts)
     if feats is None:  # not rank 0

@@ -7,6 +7,8 @@ from pathlib import Path
 
 from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES, OPENAI_IMAGENET_TEMPLATES, SIMPLE_IMAGENET_TEMPLATES
 
+from dime_ds.errors import UserError
+
 # open_clip's templates are callables (c -> str); ours are "{}" format strings like templates files.
 TEMPLATE_SETS = {
     "openai_imagenet": [t("{}") for t in OPENAI_IMAGENET_TEMPLATES],
@@ -17,6 +19,10 @@ CLASSNAME_SETS = {"imagenet": list(IMAGENET_CLASSNAMES)}
 DEFAULT_TEMPLATES = "openai_imagenet"
 # File names dataset directories use for their templates: ours, then clip_benchmark's webdatasets'.
 TEMPLATE_FILES = ("templates.txt", "zeroshot_classification_templates.txt")
+
+
+class ClassNamesError(UserError, ValueError):
+    """A class list naming one class twice: zero-shot could never predict the second."""
 
 
 def _lines(path: Path) -> list[str]:
@@ -55,7 +61,23 @@ def load_classnames(name_or_path: str | None, data_dir: str | Path | None = None
     name_or_path = name_or_path or _beside(data_dir, ("classnames.txt",))
     if name_or_path is None:
         if folder_classes:
-            return [c.replace("_", " ") for c in folder_classes]
+            return _distinct([c.replace("_", " ") for c in folder_classes], f"{data_dir}'s class folders")
         raise FileNotFoundError(f"{data_dir}: no classnames.txt (one class name per line, in label order); "
                                 f"set classnames to a file or a built-in set ({', '.join(CLASSNAME_SETS)})")
-    return _set_or_file("classnames", name_or_path, CLASSNAME_SETS)
+    names = _set_or_file("classnames", name_or_path, CLASSNAME_SETS)
+    # Built-in lists are trusted as they are, and so is a file that copies one: OpenAI's ImageNet names
+    # hold "missile" and "sunglasses" twice, for two distinct classes each.
+    if name_or_path in CLASSNAME_SETS or names in CLASSNAME_SETS.values():
+        return names
+    return _distinct(names, name_or_path)
+
+
+def _distinct(names: list[str], source: str) -> list[str]:
+    first: dict[str, int] = {}
+    for i, name in enumerate(names):
+        if name in first:
+            raise ClassNamesError(f"{source}: class name {name!r} is listed twice (names {first[name] + 1} and "
+                                  f"{i + 1}); zero-shot cannot tell two classes of one name apart: make "
+                                  "every class name distinct")
+        first[name] = i
+    return names

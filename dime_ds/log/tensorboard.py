@@ -17,10 +17,6 @@ class TBWriter:
 
             self._writer = SummaryWriter(log_dir=str(log_dir))
 
-    @property
-    def enabled(self) -> bool:
-        return self._writer is not None
-
     def scalars(self, values: Mapping[str, float], step: int) -> None:
         if self._writer:
             for tag, value in values.items():
@@ -32,21 +28,30 @@ class TBWriter:
             self._writer.add_text(tag, "    " + text.replace("\n", "\n    "), step)
 
     def similarity_image(self, tag: str, teacher: torch.Tensor, student: torch.Tensor, step: int) -> None:
-        """Teacher and student similarity matrices side by side, as one grey image in [0, 1]."""
+        """Teacher and student similarity matrices side by side as heatmaps on one colour scale."""
         if self._writer:
-            def scaled(m: torch.Tensor) -> np.ndarray:
-                m = m.detach().float().cpu().numpy()
-                return (m + 1.0) / 2.0  # cosine similarity -> [0, 1]
-
-            gap = np.ones((teacher.shape[0], 2), dtype=np.float32)
-            image = np.concatenate([scaled(teacher), gap, scaled(student)], axis=1)
-            self._writer.add_image(tag, image[None], step, dataformats="CHW")
-
-    def flush(self) -> None:
-        if self._writer:
-            self._writer.flush()
+            self._writer.add_image(tag, similarity_heatmaps(teacher, student), step, dataformats="HWC")
 
     def close(self) -> None:
         if self._writer:
             self._writer.close()
             self._writer = None
+
+
+def similarity_heatmaps(teacher: torch.Tensor, student: torch.Tensor) -> np.ndarray:
+    """(H, W, 3) uint8 picture, about 800 x 360 px: the two (images x texts) similarity matrices with
+    titles and one colorbar, so equal colours mean equal similarities in both."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure  # not pyplot: no global figure state, no GUI backend
+
+    mats = [m.detach().float().cpu().numpy() for m in (teacher, student)]
+    vmin, vmax = min(m.min() for m in mats), max(m.max() for m in mats)
+    fig = Figure(figsize=(8, 3.6), dpi=100, layout="constrained")
+    axes = fig.subplots(1, 2)
+    for ax, m, title in zip(axes, mats, ("teacher", "student")):
+        shown = ax.imshow(m, vmin=vmin, vmax=vmax, cmap="viridis", interpolation="nearest", aspect="auto")
+        ax.set(title=f"{title} similarity", xlabel="text", ylabel="image")
+    fig.colorbar(shown, ax=list(axes), label="cosine similarity")
+    canvas = FigureCanvasAgg(fig)
+    canvas.draw()
+    return np.asarray(canvas.buffer_rgba())[..., :3].copy()

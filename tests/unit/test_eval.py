@@ -7,6 +7,7 @@ import json
 import subprocess
 import sys
 import tarfile
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -326,3 +327,76 @@ def test_home_relative_dataset_paths_keep_the_train_split(tmp_path, monkeypatch)
     monkeypatch.setenv("HOME", str(tmp_path))
     (tmp_path / "ds" / "train").mkdir(parents=True)
     assert has_split("~/ds", "train")
+
+
+# ------------------------------------------------------------------------------ labels vs class names
+def test_imagefolder_named_by_class_is_labelled_by_name_in_any_order(tiny_world, tiny_teacher_dir, tmp_path):
+    """Folders named after their classes, classnames.txt in another order: each folder takes its
+    name's index, so the accuracy is the shards' (not a shuffled labelling's)."""
+    from dime_ds.eval.sources import open_split, with_class_names
+    from dime_ds.eval.suite import evaluate_suite
+
+    data = tiny_world / "eval" / "colour"
+    names = (data / "classnames.txt").read_text().split()
+    folder = shards_to_imagefolder(data, tmp_path / "named", names, by_name=True)
+    (folder / "templates.txt").write_text((data / "templates.txt").read_text())
+    reordered = names[3:] + names[:3]
+    (folder / "classnames.txt").write_text("\n".join(reordered) + "\n")
+    split = with_class_names(open_split(folder, "test"), reordered)
+    assert all(reordered[label] == Path(path).parent.name for path, label in split.files)
+    res = evaluate_suite(openclip_encoder(tiny_teacher_dir), eval_cfg(shards=(data, "zeroshot"),
+                                                                      folder=(folder, "zeroshot")), progress=False)
+    assert res["folder"]["n"] == res["shards"]["n"] == 32
+    assert res["folder"]["top1"] == res["shards"]["top1"] and res["folder"]["top5"] == res["shards"]["top5"]
+
+
+def test_folder_names_match_class_names_with_underscores_and_ids_keep_sorted_order(tmp_path):
+    from dime_ds.eval.sources import open_split, with_class_names
+
+    named = open_split(_folder_tree(tmp_path / "a", ["sea_lion", "ant"]), "test")
+    assert {Path(p).parent.name: label for p, label in with_class_names(named, ["sea lion", "ant"]).files} == \
+        {"sea_lion": 0, "ant": 1}
+    # Folder ids that name no class (ImageNet's wnids): label = sorted folder order, as documented.
+    ids = open_split(_folder_tree(tmp_path / "b", ["n02", "n01"]), "test")
+    assert {Path(p).parent.name: label for p, label in with_class_names(ids, ["zebra", "ant"]).files} == \
+        {"n01": 0, "n02": 1}
+
+
+def test_imagefolder_with_some_folders_not_class_names_is_refused(tmp_path):
+    from dime_ds.eval.suite import evaluate_suite
+
+    data = _folder_tree(tmp_path / "d" / "test", ["ant", "bee", "n0042"])
+    (tmp_path / "d" / "classnames.txt").write_text("bee\nant\ncat\n")
+    res = evaluate_suite(colour_encoder(), eval_cfg(d=(tmp_path / "d", "zeroshot")), progress=False)["d"]
+    assert "class folder 'n0042' is not a class name, but 'ant' is" in res["error"], data
+
+
+def test_cls_label_beyond_the_class_names_is_refused_naming_the_sample(tmp_path):
+    from dime_ds.eval.suite import evaluate_suite
+
+    data = write_retrieval_shards(tmp_path / "pairs", solid_colours(6), 6)  # cls = i % 3: labels 0..2
+    (data / "classnames.txt").write_text("a\nb\n")
+    res = evaluate_suite(colour_encoder(), eval_cfg(labels=(data, "zeroshot")), progress=False)["labels"]
+    assert "sample s00002 in" in res["error"] and "shard-000000.tar" in res["error"]
+    assert "label 2, but there are 2 class names" in res["error"]
+    (data / "classnames.txt").write_text("a\nb\nc\n")
+    assert evaluate_suite(colour_encoder(), eval_cfg(labels=(data, "zeroshot")), progress=False)["labels"]["n"] == 6
+
+
+def test_duplicate_class_names_in_a_file_are_refused_but_builtins_are_trusted(tmp_path):
+    from dime_ds.eval.templates import ClassNamesError, load_classnames
+    from dime_ds.eval.suite import evaluate_suite
+    from dime_ds.errors import UserError
+
+    (tmp_path / "names.txt").write_text("cat\ndog\ncrane\ndog\n")
+    with pytest.raises(ClassNamesError, match=r"'dog' is listed twice \(names 2 and 4\)") as err:
+        load_classnames(str(tmp_path / "names.txt"))
+    assert isinstance(err.value, UserError)
+    imagenet = load_classnames("imagenet")
+    assert len(set(imagenet)) == 998  # OpenAI's list names two pairs of distinct classes alike
+    (tmp_path / "imagenet.txt").write_text("\n".join(imagenet) + "\n")
+    assert load_classnames(str(tmp_path / "imagenet.txt")) == imagenet
+    data = write_retrieval_shards(tmp_path / "pairs", solid_colours(6), 6)
+    (data / "classnames.txt").write_text("a\nb\na\n")
+    res = evaluate_suite(colour_encoder(), eval_cfg(labels=(data, "zeroshot")), progress=False)["labels"]
+    assert "'a' is listed twice" in res["error"]

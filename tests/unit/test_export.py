@@ -161,6 +161,21 @@ def test_export_text_own_loads_in_plain_openclip(run_text_own, tmp_path):
         _assert_rel_close(plain["text"], student.encode_text(tokens))
 
 
+def test_provenance_names_a_teacher_only_for_runs_that_had_one(run_text_teacher, tiny_world, tiny_teacher_dir,
+                                                                tmp_path):
+    distilled = tmp_path / "distilled"
+    assert _export(run_text_teacher, distilled) == 0
+    record = json.loads((distilled / "open_clip_config.json").read_text())["dime_ds"]
+    assert record["loss"] == "dime" and record["teacher"].startswith("local-dir:")
+    # The from-scratch baseline's (and the demo teacher's) CLIP loss learns from pairs, no teacher.
+    clip_run = _run(tmp_path / "clip", tiny_world, tiny_teacher_dir, "loss=clip", "student.text=own",
+                    f"data.paired={tiny_world}/paired")
+    assert _export(clip_run, tmp_path / "baseline") == 0
+    record = json.loads((tmp_path / "baseline" / "open_clip_config.json").read_text())["dime_ds"]
+    assert record["loss"] == "clip" and "teacher" not in record and "teacher_pretrained" not in record
+    assert record["student_text"] == "own" and record["step"] == 3
+
+
 def test_every_path_form_gives_the_same_fp32_student(run_text_own):
     ckpt = run_text_own / "checkpoints"
     states = [load_student(p)[0].state_dict() for p in (run_text_own, ckpt, ckpt / "step_00000003")]
