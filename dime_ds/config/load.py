@@ -16,12 +16,25 @@ from dime_ds.config.schema import register
 from dime_ds.config.validate import ConfigError, validate
 
 
+PACKAGE = Path(__file__).resolve().parents[1]
+
+
+def shipped_dir(name: str) -> Path:
+    """A data folder that ships with dime_ds (`configs`, `ds_configs`): inside the package in an
+    installed wheel (setup.py maps them there), else at the top of the checkout this package was
+    imported from (a source tree or an editable install). Never another copy elsewhere."""
+    for path in (PACKAGE / name, PACKAGE.parent / name):
+        if path.is_dir():
+            return path
+    raise ConfigError(f"dime_ds ships no {name}/ beside {PACKAGE}: a broken install? Reinstall dime_ds")
+
+
 def config_dir() -> Path:
-    """configs/ beside the package (editable install or checkout); DIME_DS_CONFIG_DIR overrides."""
+    """The Hydra configs (see shipped_dir); DIME_DS_CONFIG_DIR points at another copy."""
     env = os.environ.get("DIME_DS_CONFIG_DIR")
-    path = Path(env) if env else Path(__file__).resolve().parents[2] / "configs"
+    path = Path(env) if env else shipped_dir("configs")
     if not (path / "config.yaml").is_file():
-        raise ConfigError(f"no config.yaml in {path}; set DIME_DS_CONFIG_DIR to the dime_ds configs/ directory")
+        raise ConfigError(f"no config.yaml in {path}" + (" (DIME_DS_CONFIG_DIR)" if env else ""))
     return path
 
 
