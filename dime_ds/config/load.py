@@ -13,6 +13,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from dime_ds.config.schema import register
+from dime_ds.config.user_eval import add_user_datasets, check_user_datasets, forget_suite_file, split_user_eval
 from dime_ds.config.validate import ConfigError, validate
 
 
@@ -39,20 +40,27 @@ def config_dir() -> Path:
 
 
 def load_config(overrides: Sequence[str] = (), config_name: str = "config") -> DictConfig:
-    """The resolved, validated config. Errors name the offending key and never start heavy work."""
+    """The resolved, validated config. Errors name the offending key and never start heavy work.
+    Besides Hydra's grammar: `suite=` for the `eval=` group, a suite file as `suite=/path.yaml`, and
+    datasets of the user's own as `+eval.datasets.NAME.path=DIR` (config/user_eval.py)."""
     register()
     GlobalHydra.instance().clear()
+    configs = config_dir()
     try:
-        with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+        overrides, added_datasets = split_user_eval(overrides, sorted(p.stem for p in (configs / "eval").glob("*.yaml")))
+        with initialize_config_dir(config_dir=str(configs), version_base="1.3"):
             cfg = compose(config_name=config_name, overrides=list(overrides))
         # Paths are made absolute before interpolations resolve, so ranks and jobs agree.
         cfg.work_dir = str(Path(cfg.work_dir).expanduser().resolve())
+        add_user_datasets(cfg, added_datasets)
         OmegaConf.resolve(cfg)
     except (HydraException, OmegaConfBaseException) as err:
         raise ConfigError(f"invalid configuration: {_explain(err)}") from None
     finally:
         GlobalHydra.instance().clear()
+        forget_suite_file()
     validate(cfg)
+    check_user_datasets(cfg, added_datasets)
     OmegaConf.set_readonly(cfg, True)
     return cfg
 
