@@ -1,7 +1,7 @@
 """DIME-FM and CLIP losses as pure math on tensors. No collectives here: dime.py gathers the
 features across ranks and calls the row-block forms below (local rows against gathered columns), and
 the whole-batch forms call the same block functions with rows = columns, so both paths share one
-definition. Definitions: ../shared/DESIGN.md, "The method, precisely"."""
+definition. Definitions: docs/design.md, "The method, precisely"."""
 from __future__ import annotations
 
 from typing import NamedTuple
