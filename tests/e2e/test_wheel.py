@@ -39,6 +39,7 @@ def _pip(*args: str, cwd: Path) -> None:
 def installed(tmp_path_factory):
     """(wheel, target dir): built from a copy of the checkout (a build writes build/ and *.egg-info
     beside its sources), installed with `pip install --target`, nothing editable."""
+    pytest.importorskip("setuptools", minversion="68")  # --no-build-isolation builds with this venv's own
     tmp = tmp_path_factory.mktemp("wheel")
     src = tmp / "src"
     src.mkdir()
