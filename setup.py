@@ -9,5 +9,5 @@ DATA_DIRS = {"dime_ds.configs": "configs", "dime_ds.ds_configs": "ds_configs"}
 setup(
     packages=find_packages(include=["dime_ds", "dime_ds.*"]) + list(DATA_DIRS),
     package_dir=DATA_DIRS,
-    package_data={"dime_ds.configs": ["*.yaml", "*/*.yaml"], "dime_ds.ds_configs": ["*.json"]},
+    package_data={"dime_ds.configs": ["**/*.yaml"], "dime_ds.ds_configs": ["*.json"]},
 )
