@@ -19,7 +19,7 @@ venv: $(STAMP)
 
 # torch/torchvision are pinned to the builds this machine has on disk; a GPU cluster installs
 # the same package with the `gpu` extra instead of `cpu` (README.md, "Installing on a cluster").
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml setup.py
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[cpu,dev]'
 	touch $@

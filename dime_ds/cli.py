@@ -1,5 +1,6 @@
 """What every command-line entry point shares: logging set-up, and a user error (bad config,
-missing data or weights) printed as a message (exit 2) rather than a traceback."""
+missing data or weights) printed as a message (exit 2) rather than a traceback; and the `dime-ds`
+console script, one subcommand per entry point."""
 from __future__ import annotations
 
 import sys
@@ -26,3 +27,36 @@ def run_entry(main: Callable[[Sequence[str]], int], argv: Sequence[str] | None =
     except UserError as err:
         print(err, file=sys.stderr)
         return 2
+
+
+# `dime-ds <command>` -> the module whose `main` it runs, and whether that main takes Hydra overrides
+# (then the module's docstring is its --help; the others parse their own flags).
+COMMANDS: dict[str, tuple[str, bool]] = {
+    "distill": ("dime_ds.distill", True),
+    "match": ("dime_ds.match", True),
+    "eval": ("dime_ds.eval.__main__", True),
+    "export": ("dime_ds.export", False),
+    "launch": ("dime_ds.launch", False),
+    "demo": ("dime_ds.demo.__main__", True),
+    "synthetic": ("dime_ds.demo.synthetic", False),
+}
+
+
+def console(argv: Sequence[str] | None = None) -> int:
+    """The `dime-ds` console script: `dime-ds distill experiment=demo` runs what
+    `python -m dime_ds.distill experiment=demo` runs."""
+    import importlib
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = argv[0] if argv else None
+    if command not in COMMANDS:
+        asked = command is None or command in HELP_FLAGS
+        listing = "\n".join(f"  {name:<10} python -m {module.removesuffix('.__main__')}"
+                            for name, (module, _) in COMMANDS.items())
+        print(("" if asked else f"dime-ds: unknown command {command!r}\n")
+              + f"usage: dime-ds <command> [arguments]; `dime-ds <command> --help` for each\n{listing}",
+              file=sys.stdout if asked else sys.stderr)
+        return 0 if asked else 2
+    module_name, hydra_style = COMMANDS[command]
+    module = importlib.import_module(module_name)
+    return run_entry(module.main, argv[1:], usage=module.__doc__ if hydra_style else None)

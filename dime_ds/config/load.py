@@ -13,33 +13,54 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from dime_ds.config.schema import register
+from dime_ds.config.user_eval import add_user_datasets, check_user_datasets, forget_suite_file, split_user_eval
 from dime_ds.config.validate import ConfigError, validate
 
 
+PACKAGE = Path(__file__).resolve().parents[1]
+
+
+def shipped_dir(name: str) -> Path:
+    """A data folder that ships with dime_ds (`configs`, `ds_configs`): inside the package in an
+    installed wheel (setup.py maps them there), else at the top of the checkout this package was
+    imported from (a source tree or an editable install). Never another copy elsewhere."""
+    for path in (PACKAGE / name, PACKAGE.parent / name):
+        if path.is_dir():
+            return path
+    raise ConfigError(f"dime_ds ships no {name}/ beside {PACKAGE}: a broken install? Reinstall dime_ds")
+
+
 def config_dir() -> Path:
-    """configs/ beside the package (editable install or checkout); DIME_DS_CONFIG_DIR overrides."""
+    """The Hydra configs (see shipped_dir); DIME_DS_CONFIG_DIR points at another copy."""
     env = os.environ.get("DIME_DS_CONFIG_DIR")
-    path = Path(env) if env else Path(__file__).resolve().parents[2] / "configs"
+    path = Path(env) if env else shipped_dir("configs")
     if not (path / "config.yaml").is_file():
-        raise ConfigError(f"no config.yaml in {path}; set DIME_DS_CONFIG_DIR to the dime_ds configs/ directory")
+        raise ConfigError(f"no config.yaml in {path}" + (" (DIME_DS_CONFIG_DIR)" if env else ""))
     return path
 
 
 def load_config(overrides: Sequence[str] = (), config_name: str = "config") -> DictConfig:
-    """The resolved, validated config. Errors name the offending key and never start heavy work."""
+    """The resolved, validated config. Errors name the offending key and never start heavy work.
+    Besides Hydra's grammar: `suite=` for the `eval=` group, a suite file as `suite=/path.yaml`, and
+    datasets of the user's own as `+eval.datasets.NAME.path=DIR` (config/user_eval.py)."""
     register()
     GlobalHydra.instance().clear()
+    configs = config_dir()
     try:
-        with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+        overrides, added_datasets = split_user_eval(overrides, sorted(p.stem for p in (configs / "eval").glob("*.yaml")))
+        with initialize_config_dir(config_dir=str(configs), version_base="1.3"):
             cfg = compose(config_name=config_name, overrides=list(overrides))
         # Paths are made absolute before interpolations resolve, so ranks and jobs agree.
         cfg.work_dir = str(Path(cfg.work_dir).expanduser().resolve())
+        add_user_datasets(cfg, added_datasets)
         OmegaConf.resolve(cfg)
     except (HydraException, OmegaConfBaseException) as err:
         raise ConfigError(f"invalid configuration: {_explain(err)}") from None
     finally:
         GlobalHydra.instance().clear()
+        forget_suite_file()
     validate(cfg)
+    check_user_datasets(cfg, added_datasets)
     OmegaConf.set_readonly(cfg, True)
     return cfg
 

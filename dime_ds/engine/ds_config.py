@@ -9,7 +9,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from dime_ds.config import ConfigError, config_dir
+from dime_ds.config import ConfigError, shipped_dir
 from dime_ds.config.schema import OptimConfig
 
 OWNED_BY_HYDRA = ("optimizer", "scheduler")
@@ -18,9 +18,9 @@ OWNED_BY_HYDRA = ("optimizer", "scheduler")
 def ds_config_path(name_or_path: str) -> Path:
     path = Path(name_or_path)
     if path.suffix != ".json":
-        path = config_dir().parent / "ds_configs" / f"{name_or_path}.json"
+        path = shipped_dir("ds_configs") / f"{name_or_path}.json"
     if not path.is_file():
-        available = sorted(p.stem for p in (config_dir().parent / "ds_configs").glob("*.json"))
+        available = sorted(p.stem for p in shipped_dir("ds_configs").glob("*.json"))
         raise ConfigError(f"dist.ds_config={name_or_path!r}: {path} not found (shipped: {', '.join(available)})")
     return path
 

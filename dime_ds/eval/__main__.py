@@ -6,7 +6,8 @@
     python -m dime_ds.eval model=ViT-B-32 pretrained=openai suite=imagenet_robustness eval.root=/datasets
 
 `model=`, `pretrained=` and `suite=` are short for `eval.model=`, `eval.pretrained=` and the `eval=`
-config group. A dime_ds run/checkpoint is shown beside its own teacher (`eval.teacher=auto`);
+config group; `suite=/path/suite.yaml` reads a suite file of your own, and
+`+eval.datasets.NAME.path=DIR [+eval.datasets.NAME.task=retrieval]` adds a dataset of your own. A dime_ds run/checkpoint is shown beside its own teacher (`eval.teacher=auto`);
 `eval.teacher=none` leaves it out. On several ranks (torchrun, srun, the launcher) every rank
 extracts a share of the features; rank 0 prints the table and writes <suite>.json and <suite>.md."""
 from __future__ import annotations
@@ -21,7 +22,7 @@ from dime_ds.cli import run_entry
 from dime_ds.config import load_config
 
 log = logging.getLogger("dime_ds.eval")
-ALIASES = {"model=": "eval.model=", "pretrained=": "eval.pretrained=", "suite=": "eval="}
+ALIASES = {"model=": "eval.model=", "pretrained=": "eval.pretrained="}  # suite=: every entry point's (load_config)
 
 
 def expand_aliases(overrides: Sequence[str]) -> list[str]:

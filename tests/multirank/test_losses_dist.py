@@ -1,5 +1,5 @@
 """Distributed losses on 2 gloo ranks equal the single-process losses of the whole global batch,
-and so do the gradients after DeepSpeed/DDP-style averaging over ranks (DESIGN.md, "Scale-out")."""
+and so do the gradients after DeepSpeed/DDP-style averaging over ranks (docs/design.md, "Scale-out")."""
 from __future__ import annotations
 
 from types import SimpleNamespace
