@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Sequence
 
 from dime_ds.cli import run_entry
@@ -38,15 +37,14 @@ def export_student(checkpoint: str | Path, out_dir: str | Path, tag: str | None 
     import torch
 
     from dime_ds.engine.consolidate import fp32_state_dict, resolve_checkpoint, step_of, student_from_state
-    from dime_ds.models import load_teacher, save_openclip_dir, student_preprocess_cfg, uses_quick_gelu
+    from dime_ds.models import PRECISIONS, load_teacher, save_openclip_dir, student_preprocess_cfg, uses_quick_gelu
 
     cfg, ckpt_dir, tag = resolve_checkpoint(checkpoint, tag)
     student = student_from_state(cfg, fp32_state_dict(ckpt_dir, tag))
     text_state = text_cfg = None
     if not student.has_text:
         # fp32: the teacher's stored weights as they are, not their half-precision rounding.
-        teacher = load_teacher(SimpleNamespace(arch=cfg.teacher.arch, pretrained=cfg.teacher.pretrained,
-                                               precision="fp32"), torch.device("cpu"))
+        teacher = load_teacher(cfg.teacher, torch.device("cpu"), PRECISIONS["fp32"])
         if uses_quick_gelu(teacher.model) != bool(student.model_cfg.get("quick_gelu", False)):
             # The student took teacher_quick_gelu's answer; a teacher built otherwise would make an
             # OpenCLIP model whose one quick_gelu flag is wrong for one of its towers.

@@ -9,7 +9,6 @@ import re
 import tarfile
 from typing import Any, Callable, Iterator, Mapping
 
-import torch
 from PIL import Image
 from torchvision import transforms as T
 
@@ -137,7 +136,3 @@ def _shard_samples(url: str) -> Iterator[dict]:
         last = {"__key__": key, "__url__": url, "__truncated__": end["byte"]}
     if last is not None:
         yield last
-
-
-def stack_images(images: list[torch.Tensor]) -> torch.Tensor:
-    return torch.stack(images, dim=0)

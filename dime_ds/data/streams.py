@@ -191,15 +191,3 @@ def _shuffled(samples: Iterable[dict], size: int, rng: np.random.Generator) -> I
 def _names(shards: list[str], shown: int = 4) -> str:
     names = [os.path.basename(s) for s in shards[:shown]]
     return "[" + ", ".join(names) + (f", ... {len(shards) - shown} more" if len(shards) > shown else "") + "]"
-
-
-def paired_process(transform: Callable, tokenize: Callable) -> Callable[[dict], tuple]:
-    """decoded sample -> (image tensor, token ids) for image-caption training. Kept for callers of
-    the old API; `dime_ds.data.loaders.paired_batches` is the resumable way."""
-
-    def process(sample: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        if "image" not in sample or "text" not in sample:
-            raise SampleError(f"sample {sample['key']} lacks an image or a caption")
-        return transform(sample["image"]), tokenize([sample["text"]])[0]
-
-    return process

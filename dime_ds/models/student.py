@@ -5,7 +5,7 @@ into the teacher's space; export folds that projection into the tower's own."""
 from __future__ import annotations
 
 import copy
-from typing import TYPE_CHECKING, Mapping, NamedTuple
+from typing import TYPE_CHECKING, Any, Mapping, NamedTuple
 
 import open_clip
 import torch

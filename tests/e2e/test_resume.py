@@ -2,7 +2,6 @@
 the same weights as a run that was never interrupted; SIGTERM checkpoints before exiting."""
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
@@ -63,7 +62,7 @@ def test_sigkill_then_resume_latest_equals_uninterrupted(tmp_path, tiny_world, t
     resumed = subprocess.run(_cmd(tmp_path, tiny_world, tiny_teacher_dir, "ckpt.resume=latest"),
                              capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert f"resumed from" in resumed.stderr and f"(step {killed_at})" in resumed.stderr
+    assert "resumed from" in resumed.stderr and f"(step {killed_at})" in resumed.stderr
     final = _final(tmp_path)
     assert final.keys() == uninterrupted.keys()
     for key, value in uninterrupted.items():
