@@ -35,7 +35,8 @@ def _fill(cfg: dict, key: str, value: Any, owner: str, source: Path) -> None:
 
 
 def build_ds_config(name_or_path: str, optim_cfg: OptimConfig, world_size: int, precision: str) -> dict:
-    """The DeepSpeed config dict for this run (engine knobs from JSON, the rest from Hydra)."""
+    """The DeepSpeed config dict for this run (engine knobs from JSON, the rest from Hydra).
+    `precision` (the policy's, models/precision.py) fills bf16/fp16 sections left at "auto"."""
     source = ds_config_path(name_or_path)
     cfg = json.loads(source.read_text())
     for key in OWNED_BY_HYDRA:
@@ -61,6 +62,11 @@ def build_ds_config(name_or_path: str, optim_cfg: OptimConfig, world_size: int, 
     if cfg["bf16"]["enabled"] and cfg["fp16"]["enabled"]:
         raise ConfigError(f"{source.name} enables both bf16 and fp16")
     return cfg
+
+
+def engine_precision(ds_cfg: dict) -> str:
+    """The precision a built DeepSpeed config trains in (its JSON's explicit choice, else the policy's)."""
+    return "bf16" if ds_cfg["bf16"]["enabled"] else "fp16" if ds_cfg["fp16"]["enabled"] else "fp32"
 
 
 def inference_ds_config(precision: str, micro_batch: int) -> dict:

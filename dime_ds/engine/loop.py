@@ -20,7 +20,7 @@ from dime_ds.config.schema import RootConfig
 from dime_ds.distributed import collectives as C
 from dime_ds.distributed.env import WorldInfo
 from dime_ds.engine import checkpoint
-from dime_ds.engine.ds_config import build_ds_config
+from dime_ds.engine.ds_config import build_ds_config, engine_precision
 from dime_ds.engine.param_groups import param_groups
 from dime_ds.engine.schedule import lr_at
 from dime_ds.engine.zero3_teacher import zero3_inference
@@ -28,7 +28,7 @@ from dime_ds.eval.features import Encoder
 from dime_ds.eval.suite import evaluate_suite, headline
 from dime_ds.log.tensorboard import TBWriter
 from dime_ds.losses.dime import reduce_for_logging
-from dime_ds.models import build_run_student, precision_for, student_preprocess_cfg, student_tokenizer
+from dime_ds.models import PRECISIONS, build_run_student, precision_for, student_preprocess_cfg, student_tokenizer
 from dime_ds.objectives import RunContext, build_objective
 
 log = logging.getLogger(__name__)
@@ -81,7 +81,9 @@ class StepMeter:
 class Trainer:
     def __init__(self, cfg: RootConfig, world: WorldInfo, device: torch.device):
         self.cfg, self.world, self.device = cfg, world, device
-        self.precision = precision_for("student", device)
+        ds_config = build_ds_config(cfg.dist.ds_config, cfg.optim, world.world_size,
+                                    precision_for("student", device).name)
+        self.precision = PRECISIONS[engine_precision(ds_config)]  # a JSON's explicit bf16/fp16 wins
         micro = cfg.optim.global_batch_size // (world.world_size * cfg.optim.grad_accum)
         self.objective = build_objective(cfg, RunContext(world, device, micro, self.precision, cfg.seed,
                                                          zero3_wrap=zero3_inference))
@@ -95,7 +97,7 @@ class Trainer:
             model=student, optimizer=optimizer,
             lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(
                 opt, lambda step: lr_at(step, cfg.optim) / cfg.optim.lr),
-            config=build_ds_config(cfg.dist.ds_config, cfg.optim, world.world_size, self.precision.name))
+            config=ds_config)
         self.tb = TBWriter(Path(cfg.run_dir) / "tensorboard", enabled=world.rank == 0 and cfg.log.tensorboard)
         self.stop = StopRequested()
         self.meter = StepMeter()

@@ -63,12 +63,16 @@ def _train(rank, world_size, overrides):
         loop.Trainer.train = train
 
 
-def _bf16_optimizer_config(tmp_path) -> str:
-    """ZeRO-1 with fp32 gradient accumulation: DeepSpeed's BF16_Optimizer, another shard layout."""
-    cfg = json.loads(ds_config_path("zero1").read_text())
-    cfg["data_types"] = {"grad_accum_dtype": "fp32"}
-    (tmp_path / "zero1_fp32_accum.json").write_text(json.dumps(cfg))
-    return str(tmp_path / "zero1_fp32_accum.json")
+def _bf16_config(tmp_path, stage: str) -> str:
+    """The shipped `stage` JSON with bf16 on whatever the CPU (these layouts are what is tested);
+    zero1_fp32_accum adds fp32 gradient accumulation: DeepSpeed's BF16_Optimizer, another layout."""
+    shipped = stage.removesuffix("_fp32_accum")
+    cfg = json.loads(ds_config_path(shipped).read_text())
+    cfg["bf16"] = {"enabled": True}
+    if stage.endswith("_fp32_accum"):
+        cfg["data_types"] = {"grad_accum_dtype": "fp32"}
+    (tmp_path / f"{stage}_bf16.json").write_text(json.dumps(cfg))
+    return str(tmp_path / f"{stage}_bf16.json")
 
 
 # student.text=own covers its [1]-shaped logit scale, partitioned under ZeRO-3.
@@ -76,7 +80,7 @@ def _bf16_optimizer_config(tmp_path) -> str:
                                              ("zero2", "teacher"), ("zero3", "own")])
 def test_consolidated_fp32_equals_the_masters_gathered_in_training(tmp_path, tiny_world, tiny_teacher_dir,
                                                                    ds_config, text):
-    ds_json = _bf16_optimizer_config(tmp_path) if ds_config == "zero1_fp32_accum" else ds_config
+    ds_json = _bf16_config(tmp_path, ds_config)
     overrides = engine_overrides(tmp_path, tiny_world, tiny_teacher_dir, f"dist.ds_config={ds_json}",
                                  f"student.text={text}")
     results = run_ranks(_train, 2, overrides, timeout=300)

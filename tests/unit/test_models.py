@@ -72,8 +72,8 @@ def test_teacher_from_openclip_model_directory(tmp_path, tiny_arch):
 def test_half_precision_teacher_is_frozen_and_close_to_fp32(tmp_path, tiny_arch):
     name, model = tiny_arch
     torch.save(model.state_dict(), tmp_path / "w.pt")
-    teacher = load_teacher(_teacher_cfg(arch=name, pretrained=str(tmp_path / "w.pt")), CPU)  # auto
-    assert teacher.dtype == torch.bfloat16  # auto on CPU; fp16 on CUDA
+    teacher = load_teacher(_teacher_cfg(arch=name, pretrained=str(tmp_path / "w.pt"), precision="bf16"), CPU)
+    assert teacher.dtype == torch.bfloat16  # what auto is on CPUs with native bf16 (fp16 on CUDA)
     assert teacher.model.visual.conv1.weight.dtype == torch.bfloat16
     assert not any(p.requires_grad for p in teacher.parameters())
     teacher.train()
