@@ -54,11 +54,12 @@ class StageContext:
 def process_group(dist_cfg: Any, device: str = "auto", *, always: bool = False) -> tuple[WorldInfo, torch.device, bool]:
     """(world view, device, whether a group was made now). A group is made from `dist_cfg`
     (backend, timeout_min) when none exists and the world has several ranks, or `always`
-    (DeepSpeed wants one even for a world of one)."""
+    (DeepSpeed wants one even for a world of one). With `always`, an existing group is checked
+    against the world view and the world exported, as engine/run.py needs (init_distributed)."""
     info = world_info()
     dev = device_for(info, device)
     made = not C.is_distributed() and (always or info.world_size > 1)
-    if made:
+    if made or always:
         init_distributed(info, backend_for(dev, dist_cfg.backend), dist_cfg.timeout_min)
     if C.is_distributed() and (C.rank(), C.world_size()) != (info.rank, info.world_size):
         log.warning("process group rank %d/%d differs from the environment's %d/%d; using the group",

@@ -180,3 +180,19 @@ def test_one_process_runs_fn_and_raises_its_own_error():
         raise_agreed(err)
     assert caught.value is err
     raise_agreed(None)
+
+
+def _always(rank, world, leave_harness_group):
+    """What engine/run.py asks for: a group for a world of one too; an existing one is kept."""
+    from dime_ds.distributed import collectives as C
+    from dime_ds.distributed.stage import process_group
+
+    if leave_harness_group:
+        _next_group_port()
+    info, _, made = process_group(SimpleNamespace(backend="auto", timeout_min=1), "cpu", always=True)
+    return info.rank, made, C.world_size()
+
+
+def test_process_group_always_keeps_an_existing_group_and_makes_one_for_a_world_of_one():
+    assert run_ranks(_always, 2, False, timeout=60) == [(0, False, 2), (1, False, 2)]
+    assert run_ranks(_always, 1, True, timeout=60) == [(0, True, 1)]
