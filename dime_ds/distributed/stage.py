@@ -20,13 +20,16 @@ from __future__ import annotations
 import logging
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, Iterator, TypeVar
 
 import torch
 
 from dime_ds.distributed import collectives as C
 from dime_ds.distributed.env import WorldInfo, backend_for, device_for, init_distributed, shutdown, world_info
 from dime_ds.errors import UserError
+
+if TYPE_CHECKING:
+    from dime_ds.config.schema import DistConfig
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -51,7 +54,7 @@ class StageContext:
         return self.rank == 0
 
 
-def process_group(dist_cfg: Any, device: str = "auto", *, always: bool = False) -> tuple[WorldInfo, torch.device, bool]:
+def process_group(dist_cfg: DistConfig, device: str = "auto", *, always: bool = False) -> tuple[WorldInfo, torch.device, bool]:
     """(world view, device, whether a group was made now). A group is made from `dist_cfg`
     (backend, timeout_min) when none exists and the world has several ranks, or `always`
     (DeepSpeed wants one even for a world of one). With `always`, an existing group is checked
@@ -68,7 +71,7 @@ def process_group(dist_cfg: Any, device: str = "auto", *, always: bool = False) 
 
 
 @contextmanager
-def stage(dist_cfg: Any, device: str = "auto") -> Iterator[StageContext]:
+def stage(dist_cfg: DistConfig, device: str = "auto") -> Iterator[StageContext]:
     """The process group for one stage (see `process_group`), destroyed on leaving if made here; a
     group that already existed (an enclosing stage, a test harness) is used and left alone. A process
     that runs several stages opens one `stage` around them all: a group re-made on the port just
