@@ -20,15 +20,17 @@ def split_stage(overrides: Sequence[str]) -> list[str]:
 
 def main(overrides: Sequence[str]) -> int:
     cfg = load_config(split_stage(overrides))
-    stage = cfg.match.stage
-    if stage in ("embed", "all"):
-        from dime_ds.embed.stage import run_embed_stage  # after validation: no heavy import for a bad config
+    from dime_ds.distributed.stage import stage  # after validation: no heavy import for a bad config
 
-        run_embed_stage(cfg)
-    if stage in ("match", "all"):
-        from dime_ds.ground.corpus import run_match_stage
+    with stage(cfg.dist, cfg.device):  # one process group for both stages of stage=all
+        if cfg.match.stage in ("embed", "all"):
+            from dime_ds.embed.stage import run_embed_stage
 
-        run_match_stage(cfg)
+            run_embed_stage(cfg)
+        if cfg.match.stage in ("match", "all"):
+            from dime_ds.ground.stage import run_match_stage
+
+            run_match_stage(cfg)
     return 0
 
 

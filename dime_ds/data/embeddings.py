@@ -242,6 +242,21 @@ class EmbeddingCache:
     def __len__(self) -> int:
         return int(self._starts[-1])
 
+    def keys(self) -> list[str]:
+        """Every key in row order (manifest shards, then keys.txt lines)."""
+        return [key for record in self.manifest["shards"] for key in _read_keys(self.directory, record)]
+
+    def rows(self, start: int, stop: int) -> np.ndarray:
+        """Raw (float16, unprepared) rows [start, stop) across shard boundaries: a view of the memory
+        map when they lie in one shard, else a stacked copy."""
+        stop = min(stop, len(self))
+        pieces = [self.shards[s][max(start, lo) - lo:min(stop, hi) - lo]
+                  for s, (lo, hi) in enumerate(zip(self._starts[:-1].tolist(), self._starts[1:].tolist()))
+                  if max(start, lo) < min(stop, hi)]
+        if not pieces:
+            return np.empty((0, self.dim), np.dtype(DTYPE))
+        return pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
+
     def _row(self, keys: Sequence[str]) -> np.ndarray:
         rows = np.full(len(keys), -1, dtype=np.int64)
         wanted = np.fromiter(map(hash, keys), np.int64, len(keys))
@@ -272,3 +287,24 @@ class EmbeddingCache:
             order = np.argsort(local)  # ascending reads from the memory map
             out[picked[order]] = self.shards[s][local[order]]
         return torch.from_numpy(out)
+
+
+def open_image_text_caches(embed_dir: str | os.PathLike) -> tuple[EmbeddingCache, EmbeddingCache]:
+    """The `images/` and `texts/` caches the embed stage writes under `embed_dir`, checked to hold
+    those modalities from one teacher (Algorithm 1 compares them)."""
+    embed_dir = Path(embed_dir)
+    caches = []
+    for modality in ("images", "texts"):
+        try:
+            cache = EmbeddingCache(embed_dir / modality)
+        except EmbeddingCacheError as err:
+            raise EmbeddingCacheError(f"match.embed_dir={embed_dir}: {err}\nRun `python -m dime_ds.match "
+                                      "stage=embed` (same overrides) first.") from None
+        if cache.manifest["modality"] != modality:
+            raise EmbeddingCacheError(f"{cache.directory} holds {cache.manifest['modality']} embeddings, not {modality}")
+        caches.append(cache)
+    images, texts = caches
+    if images.model != texts.model:
+        raise EmbeddingCacheError(f"image embeddings come from {images.model!r}, text embeddings from "
+                                  f"{texts.model!r}: Algorithm 1 needs one teacher for both; re-run stage=embed")
+    return images, texts

@@ -31,7 +31,7 @@ from dime_ds.config import ConfigError, load_config
 from dime_ds.demo.synthetic import write_world
 from dime_ds.demo.teacher import is_current, pretrain_clip, recipe_hash
 from dime_ds.engine.run import run_training
-from dime_ds.ground.corpus import run_match_stage
+from dime_ds.ground.stage import run_match_stage
 from dime_ds.embed.stage import run_embed_stage
 from dime_ds.models import read_openclip_dir
 

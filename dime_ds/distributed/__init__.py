@@ -1,5 +1,7 @@
 """Distributed plumbing: the only package that reads rank variables (env.py) or calls
-torch.distributed (collectives.py). Everything is the identity in a single process."""
+torch.distributed (collectives.py). stage.py runs a stage on every rank (process group, agreed
+errors, results gathered to or sent from rank 0); import it as `dime_ds.distributed.stage`.
+Everything is the identity in a single process."""
 from dime_ds.distributed.collectives import (all_gather_object, all_reduce_mean, barrier, broadcast_object,
                                       gather_no_grad, gather_with_grad, is_distributed, is_main, rank,
                                       world_size)

@@ -15,16 +15,20 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from dime_ds.data.embeddings import MANIFEST, atomic_write, read_manifest, write_embedding_shard, write_manifest
+from dime_ds.data.embeddings import MANIFEST, atomic_write, write_embedding_shard, write_manifest
 from dime_ds.data.pipelines import SampleError, decode_sample, image_transform, iter_tar_samples
 from dime_ds.data.shards import sha256_file
+from dime_ds.distributed.stage import StageContext, agreed, on_main, stage
 from dime_ds.models import Teacher
+
+if TYPE_CHECKING:
+    from dime_ds.config.schema import MatchConfig, RootConfig, TeacherConfig
 
 log = logging.getLogger(__name__)
 
@@ -55,28 +59,14 @@ def _files_ok(out_dir: Path, name: str, count: int) -> bool:
         return False
 
 
-def _legacy_records(out_dir: Path) -> dict:
-    """source -> (shard record, skipped) from a manifest written before sidecars existed."""
-    try:
-        manifest = read_manifest(out_dir)
-    except (FileNotFoundError, ValueError):
-        return {}
-    skipped = manifest.get("skipped", [])
-    return {r["source"]: {"modality": manifest["modality"], "model": manifest["model"], "shard": r,
-                          "skipped": [s for s in skipped if s["source"] == r["source"]]}
-            for r in manifest["shards"]}
-
-
 def finished_record(out_dir: str | Path, name: str, url: str, checksum: str, modality: str,
-                    model_name: str, legacy: dict | None = None) -> dict | None:
+                    model_name: str) -> dict | None:
     """The sidecar record of shard `name` if it is finished from this very source and model, else None."""
     out_dir = Path(out_dir)
     try:
         record = json.loads(_record_path(out_dir, name).read_text(encoding="utf-8"))
     except (FileNotFoundError, ValueError):
-        record = (legacy or {}).get(str(url))
-        if record is None or record["shard"].get("name") != name:
-            return None
+        return None
     shard = record.get("shard") or {}
     if (record.get("modality"), record.get("model"), shard.get("name"), shard.get("source_sha256")) \
             != (modality, str(model_name), name, checksum) or not _files_ok(out_dir, name, int(shard.get("count", -1))):
@@ -85,20 +75,18 @@ def finished_record(out_dir: str | Path, name: str, url: str, checksum: str, mod
         shard = dict(shard, source=str(url))
         record = dict(record, shard=shard, skipped=[dict(s, source=str(url)) for s in record.get("skipped", [])])
         _write_json_atomic(_record_path(out_dir, name), record)
-    elif not _record_path(out_dir, name).is_file():
-        _write_json_atomic(_record_path(out_dir, name), record)
     return record
 
 
 def embed_shard(teacher: Teacher, url: str, out_dir: str | Path, name: str, modality: str, model_name: str,
-                batch_size: int = 256, transform=None, legacy: dict | None = None) -> tuple[dict, bool]:
+                batch_size: int = 256, transform=None) -> tuple[dict, bool]:
     """Embed one input shard into `out_dir/name.*` unless it is already finished. Returns (its sidecar
     record, whether it was computed now)."""
     if modality not in MODALITIES:
         raise ValueError(f"modality must be images or texts, not {modality!r}")
     out_dir = Path(out_dir)
     checksum = sha256_file(url)
-    done = finished_record(out_dir, name, url, checksum, modality, model_name, legacy)
+    done = finished_record(out_dir, name, url, checksum, modality, model_name)
     if done is not None:
         return done, False
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -134,14 +122,13 @@ def _embed_rank_shards(teacher: Teacher, urls: Sequence[str], out_dir: Path, mod
                        batch_size: int, rank: int, world: int, progress: bool) -> dict:
     """Embed the input shards i with i % world == rank; returns counts for the log."""
     mine = [i for i in range(len(urls)) if i % world == rank]
-    legacy = _legacy_records(out_dir)
     transform = image_transform(teacher.preprocess_cfg, train=False) if modality == "images" else None
     stats = {"shards": len(mine), "computed": 0, "samples": 0}
     bar = tqdm(mine, desc=f"rank {rank} embed {modality}", position=rank, disable=not progress, leave=True,
                unit="shard")
     for i in bar:
         record, computed = embed_shard(teacher, urls[i], out_dir, shard_name(i), modality, model_name, batch_size,
-                                       transform, legacy)
+                                       transform)
         stats["computed"] += computed
         stats["samples"] += record["shard"]["count"]
         bar.set_postfix(samples=stats["samples"], refresh=False)
@@ -185,70 +172,45 @@ def _encode(teacher: Teacher, modality: str, batch: list) -> np.ndarray:
     return teacher.encode_text(teacher.tokenizer(batch)).cpu().numpy()
 
 
-def teacher_name(teacher_cfg) -> str:
+def teacher_name(teacher_cfg: TeacherConfig) -> str:
     """The model name recorded in a cache manifest: the architecture, with its pretrained tag."""
     return str(teacher_cfg.arch) + (f"@{teacher_cfg.pretrained}" if teacher_cfg.pretrained else "")
 
 
-def _check_all(error: str | None, what: str) -> None:
-    """Every rank's `error` (None: fine); raises on every rank when any failed, instead of leaving the
-    others waiting in the next collective. Also a barrier."""
-    from dime_ds.distributed import collectives as C
-
-    errors = [e for e in C.all_gather_object(error) if e]
-    if errors:
-        raise RuntimeError(f"{what} failed on {len(errors)} rank(s):\n" + "\n".join(errors))
-
-
-def run_embed_stage(cfg) -> dict:
-    """`python -m dime_ds.match stage=embed`: the configured teacher embeds data.images and data.corpus
-    (data.texts when null) into `<match.embed_dir>/images` and `/texts`, on every rank of the job (a process group is made
-    when the world has several ranks and none exists). Each rank embeds input shards i % world == rank;
-    finished shards from unchanged sources are skipped; rank 0 writes each manifest once all ranks are
-    done. Returns {modality: manifest} on every rank."""
+def _embed_modality(ctx: StageContext, teacher: Teacher, model: str, spec: str, modality: str,
+                    match_cfg: MatchConfig, progress: bool) -> dict:
+    """One modality on every rank: each rank its shards, then (once all agree they succeeded) rank 0
+    the manifest, which every rank returns."""
     from dime_ds.data.shards import list_shards
-    from dime_ds.distributed import collectives as C
-    from dime_ds.distributed.env import backend_for, device_for, init_distributed, world_info
+
+    urls = agreed(list_shards, spec, what=f"listing the {modality} shards")
+    out_dir = Path(match_cfg.embed_dir) / modality
+    if ctx.is_main:
+        log.info("embedding %d %s shard(s) of %s into %s on %d rank(s)", len(urls), modality, spec, out_dir,
+                 ctx.world_size)
+    stats = agreed(_embed_rank_shards, teacher, urls, out_dir, modality, model, match_cfg.batch_size, ctx.rank,
+                   ctx.world_size, progress, what=f"embedding {modality}")
+    log.info("rank %d: %s: %d shard(s), %d computed, %d skipped as finished, %d embeddings", ctx.rank, modality,
+             stats["shards"], stats["computed"], stats["shards"] - stats["computed"], stats["samples"])
+    manifest = on_main(_write_stage_manifest, urls, out_dir, modality, model,
+                       what=f"writing the {modality} manifest")
+    if ctx.is_main:
+        log.info("%s: %d embeddings, %d skipped", modality, manifest["count"], len(manifest["skipped"]))
+    return manifest
+
+
+def run_embed_stage(cfg: RootConfig) -> dict:
+    """`python -m dime_ds.match stage=embed`: the configured teacher embeds data.images and data.corpus
+    (data.texts when null) into `<match.embed_dir>/images` and `/texts`, on every rank of the job (a
+    process group is made when the world has several ranks and none exists). Each rank embeds input
+    shards i % world == rank; finished shards from unchanged sources are skipped; rank 0 writes each
+    manifest once all ranks are done. A failure on any rank is raised on every rank. Returns
+    {modality: manifest} on every rank."""
     from dime_ds.models import load_teacher
 
-    info = world_info()
-    device = device_for(info, cfg.device)
-    if not C.is_distributed() and info.world_size > 1:
-        init_distributed(info, backend_for(device, cfg.dist.backend), cfg.dist.timeout_min)
-    rank, world = C.rank(), C.world_size()
-    if C.is_distributed() and (rank, world) != (info.rank, info.world_size):
-        log.warning("process group rank %d/%d differs from the environment's %d/%d; using the group",
-                    rank, world, info.rank, info.world_size)
-
-    teacher = load_teacher(cfg.teacher, device)
-    model = teacher_name(cfg.teacher)
-    manifests = {}
-    texts = cfg.data.get("corpus", None) or cfg.data.texts  # the raw corpus the match stage grounds
-    for modality, spec in (("images", cfg.data.images), ("texts", texts)):
-        urls = list_shards(spec)
-        out_dir = Path(cfg.match.embed_dir) / modality
-        if rank == 0:
-            log.info("embedding %d %s shard(s) of %s into %s on %d rank(s)", len(urls), modality, spec, out_dir, world)
-        error = None
-        try:
-            stats = _embed_rank_shards(teacher, urls, out_dir, modality, model, cfg.match.batch_size, rank, world,
-                                       bool(cfg.log.progress))
-            log.info("rank %d: %s: %d shard(s), %d computed, %d skipped as finished, %d embeddings", rank, modality,
-                     stats["shards"], stats["computed"], stats["shards"] - stats["computed"], stats["samples"])
-        except Exception as err:  # noqa: BLE001 - reported on every rank just below
-            error = f"rank {rank}: {type(err).__name__}: {err}"
-            log.exception("rank %d: embedding %s failed", rank, modality)
-        _check_all(error, f"embedding {modality}")  # every rank's shards are written
-        manifest, error = None, None
-        if rank == 0:
-            try:
-                manifest = _write_stage_manifest(urls, out_dir, modality, model)
-            except Exception as err:  # noqa: BLE001
-                error = f"rank 0: {type(err).__name__}: {err}"
-        manifest, error = C.broadcast_object((manifest, error))  # also the second barrier
-        if error:
-            raise RuntimeError(f"writing the {modality} manifest failed: {error}")
-        manifests[modality] = manifest
-        if rank == 0:
-            log.info("%s: %d embeddings, %d skipped", modality, manifest["count"], len(manifest["skipped"]))
-    return manifests
+    with stage(cfg.dist, cfg.device) as ctx:
+        teacher = agreed(load_teacher, cfg.teacher, ctx.device, what="loading the teacher")
+        model = teacher_name(cfg.teacher)
+        texts = cfg.data.get("corpus", None) or cfg.data.texts  # the raw corpus the match stage grounds
+        return {modality: _embed_modality(ctx, teacher, model, spec, modality, cfg.match, bool(cfg.log.progress))
+                for modality, spec in (("images", cfg.data.images), ("texts", texts))}

@@ -9,7 +9,7 @@ from safetensors.torch import save_file
 
 from dime_ds.config import save_config
 from dime_ds.config.schema import RootConfig
-from dime_ds.distributed.env import backend_for, device_for, init_distributed, world_info
+from dime_ds.distributed.stage import process_group
 from dime_ds.engine.checkpoint import tag_for
 from dime_ds.engine.consolidate import fp32_state_dict
 from dime_ds.engine.loop import Trainer
@@ -19,9 +19,7 @@ FINAL_WEIGHTS = "student.safetensors"
 
 
 def run_training(cfg: RootConfig) -> dict:
-    world = world_info()
-    device = device_for(world, cfg.device)
-    init_distributed(world, backend_for(device, cfg.dist.backend), cfg.dist.timeout_min)
+    world, device, _ = process_group(cfg.dist, cfg.device, always=True)  # DeepSpeed wants one even alone
     if world.rank == 0:
         save_config(cfg, cfg.run_dir)
     summary = Trainer(cfg, world, device).train()

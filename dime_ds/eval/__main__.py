@@ -43,17 +43,14 @@ def default_out_dir(cfg) -> Path:
 
 def main(overrides: Sequence[str]) -> int:
     cfg = load_config(expand_aliases(overrides))
-    from dime_ds.distributed.env import backend_for, device_for, init_distributed, world_info  # after validation
+    from dime_ds.distributed.stage import stage  # after validation: no heavy import for a bad config
     from dime_ds.eval.models import load_encoders
     from dime_ds.eval.report import compare
 
-    world = world_info()
-    device = device_for(world, cfg.device)
-    if world.world_size > 1:
-        init_distributed(world, backend_for(device, cfg.dist.backend), cfg.dist.timeout_min)
-    encoders = load_encoders(cfg.eval, device)
-    out_dir = Path(cfg.eval.out_dir) if cfg.eval.out_dir else default_out_dir(cfg)
-    results = compare(encoders, cfg.eval, out_dir, progress=cfg.log.progress)
+    with stage(cfg.dist, cfg.device) as ctx:
+        encoders = load_encoders(cfg.eval, ctx.device)
+        out_dir = Path(cfg.eval.out_dir) if cfg.eval.out_dir else default_out_dir(cfg)
+        results = compare(encoders, cfg.eval, out_dir, progress=cfg.log.progress)
     failed = any("error" in m for per in results.values() for m in per.values())
     return 1 if failed else 0
 

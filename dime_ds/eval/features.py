@@ -14,8 +14,9 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from dime_ds.data.pipelines import image_transform, preprocess_size
-from dime_ds.distributed import collectives as C
 from dime_ds.data.pipelines import SampleError
+from dime_ds.distributed import collectives as C
+from dime_ds.distributed.stage import gather_to_main, raise_agreed
 from dime_ds.eval.sources import EvalDataError, EvalSplit, Reader, collate
 
 log = logging.getLogger(__name__)
@@ -84,7 +85,8 @@ def extract(split: EvalSplit, encoder: Encoder, *, captions: bool = False, batch
                 skipped += batch["skipped"]
                 batch = next(batches, None)
         except READ_ERRORS as err:  # this rank stops reading, but keeps step with the others
-            error, batch, batches = f"{type(err).__name__}: {err}", None, iter(())
+            error = EvalDataError(f"{split.data_dir}: {type(err).__name__}: {err}")
+            batch, batches = None, iter(())
         if not _has_more(batch, lockstep):
             break
         if batch is None:  # lockstep: this rank is done, others are not; forward a dummy, keep nothing
@@ -103,16 +105,13 @@ def extract(split: EvalSplit, encoder: Encoder, *, captions: bool = False, batch
         keys += batch["keys"]
         bar.update(len(batch["keys"]))
     bar.close()
-    distributed = C.is_distributed()
     # Agree before gathering: every rank raises the same error, and none waits for a rank that left.
-    errors = [e for e in (C.all_gather_object(error) if distributed else [error]) if e]
-    if errors:
-        raise EvalDataError(f"{split.data_dir}: {errors[0]}")
-    if (C.reduce_scalar(float(len(keys))) if distributed else len(keys)) == 0:
+    raise_agreed(error, f"reading {split.data_dir}", keep=(EvalDataError,))
+    if C.reduce_scalar(float(len(keys))) == 0:
         raise EvalDataError(f"{split.data_dir}: no samples (every sample was skipped, or the split is empty)")
     local = {"keys": keys, "image": _np(image), "labels": _np(labels, np.int64),
              "text": _np(text) if captions else None, "owner": np.asarray(owner, np.int64), "skipped": skipped}
-    parts = C.gather_object_to_main(local) if distributed else [local]
+    parts = gather_to_main(local)
     return _merge(parts, captions) if parts is not None else None
 
 

@@ -72,10 +72,8 @@ def _snapshot(emb):
 
 def _cache(emb, modality):
     from dime_ds.data.embeddings import EmbeddingCache
-    from dime_ds.ground.corpus import cache_keys
-
     cache = EmbeddingCache(emb / modality)
-    return cache_keys(cache), np.concatenate(cache.shards)
+    return cache.keys(), np.concatenate(cache.shards)
 
 
 @pytest.fixture(scope="module")

@@ -53,10 +53,10 @@ def _cfg(embed: Path, out: Path):
 
 def _stage(rank, world_size, embed, out):
     from dime_ds.distributed import collectives as C
-    from dime_ds.ground import corpus
+    from dime_ds.ground import stage
 
-    corpus.IMAGE_CHUNK = 128  # several image chunks per text block
-    report = corpus.run_match_stage(_cfg(embed, out))
+    stage.IMAGE_CHUNK = 128  # several image chunks per text block
+    report = stage.run_match_stage(_cfg(embed, out))
     return report, C.world_size()
 
 
@@ -74,7 +74,7 @@ def embed_dir(tmp_path_factory):
 
 
 def test_rank_rows_cover_the_corpus():
-    from dime_ds.ground.corpus import rank_rows
+    from dime_ds.ground.stage import rank_rows
 
     for n, world in ((1000, 2), (1000, 3), (2, 4), (0, 2)):
         blocks = [rank_rows(n, r, world) for r in range(world)]
@@ -85,7 +85,7 @@ def test_rank_rows_cover_the_corpus():
 def test_two_ranks_match_one_rank_and_the_reference(embed_dir, tmp_path):
     from dime_ds.data.embeddings import EmbeddingCache
     from dime_ds.ground.algorithm1 import greedy_ground_reference
-    from dime_ds.ground.corpus import run_match_stage
+    from dime_ds.ground.stage import run_match_stage
 
     one = run_match_stage(_cfg(embed_dir, tmp_path / "one"))
     reports = run_ranks(_stage, 2, embed_dir, tmp_path / "two", timeout=180)
@@ -110,3 +110,28 @@ def test_two_ranks_match_one_rank_and_the_reference(embed_dir, tmp_path):
     j2 = json.loads((tmp_path / "two" / "assignment.json").read_text())["assignment"]
     assert j1 == j2
     assert not (tmp_path / "two" / "corpus.tmp").exists()
+
+
+def _stage_failing_on_rank_1(rank, world_size, embed, out):
+    from dime_ds.ground import stage
+
+    search = stage.rank_partial_topk
+
+    def partial(*args, **kwargs):
+        if rank == 1:
+            raise MemoryError("out of memory in the partial top-k")
+        return search(*args, **kwargs)
+
+    stage.rank_partial_topk = partial
+    try:
+        stage.run_match_stage(_cfg(embed, out))
+    except Exception as err:  # noqa: BLE001 - what every rank saw
+        return type(err).__name__, str(err)
+    return "ok", None
+
+
+def test_a_failure_on_one_rank_fails_every_rank_before_anything_is_written(embed_dir, tmp_path):
+    reports = run_ranks(_stage_failing_on_rank_1, 2, embed_dir, tmp_path / "out", timeout=180)
+    assert reports[0] == reports[1] == ("StageError", "partial top-k failed on 1 rank(s):\n"
+                                        "rank 1: MemoryError: out of memory in the partial top-k")
+    assert not (tmp_path / "out").exists()

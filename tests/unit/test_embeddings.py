@@ -176,3 +176,34 @@ def test_a_pickled_cache_reopens_its_directory(tmp_path):
     copy = pickle.loads(pickle.dumps(cache))
     assert torch.equal(copy.lookup(keys[1]), cache.lookup(keys[1]))
     assert len(pickle.dumps(cache)) < 1000  # the directory, not the arrays
+
+
+def test_keys_and_row_ranges_across_shards(tmp_path):
+    keys, arrays = _write_cache(tmp_path, sizes=(5, 3, 4))
+    cache = EmbeddingCache(tmp_path)
+    assert cache.keys() == [k for part in keys for k in part]
+    stacked = np.concatenate(arrays).astype(np.float16)
+    for start, stop in ((0, 12), (2, 4), (4, 9), (5, 8), (3, 100), (7, 7), (12, 20)):
+        rows = cache.rows(start, stop)
+        assert rows.dtype == np.float16 and rows.shape == (len(stacked[start:stop]), DIM)
+        assert np.array_equal(rows, stacked[start:stop])
+
+
+def _write_modality(directory, modality, model, dim=DIM):
+    with EmbeddingShardWriter(directory, modality=modality, model=model) as w:
+        w.write_shard("shard-000000", ["a", "b"], np.ones((2, dim), np.float32), "/x.tar", "0" * 64)
+
+
+def test_image_text_caches_are_checked(tmp_path):
+    with pytest.raises(EmbeddingCacheError, match="stage=embed"):
+        embeddings.open_image_text_caches(tmp_path)
+    _write_modality(tmp_path / "images", "images", "m")
+    _write_modality(tmp_path / "texts", "images", "m")
+    with pytest.raises(EmbeddingCacheError, match="holds images embeddings, not texts"):
+        embeddings.open_image_text_caches(tmp_path)
+    _write_modality(tmp_path / "texts", "texts", "other")
+    with pytest.raises(EmbeddingCacheError, match="one teacher"):
+        embeddings.open_image_text_caches(tmp_path)
+    _write_modality(tmp_path / "texts", "texts", "m")
+    images, texts = embeddings.open_image_text_caches(tmp_path)
+    assert (images.manifest["modality"], texts.manifest["modality"], len(texts)) == ("images", "texts", 2)

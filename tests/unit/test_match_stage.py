@@ -40,7 +40,6 @@ def _text_meta(world: Path) -> dict:
 def test_outputs_are_consistent(matched, tiny_world):
     from dime_ds.data.embeddings import EmbeddingCache
     from dime_ds.ground.algorithm1 import greedy_ground_reference
-    from dime_ds.ground.corpus import cache_keys
 
     out = matched / "grounded"
     report = json.loads((out / "report.json").read_text())
@@ -58,7 +57,7 @@ def test_outputs_are_consistent(matched, tiny_world):
     assert sum(report["similarity"]["histogram"]["counts"]) == kept
     assert len(report["examples"]) == min(10, kept) and all(e["text"] for e in report["examples"])
 
-    image_keys, text_keys = cache_keys(images), cache_keys(texts)
+    image_keys, text_keys = images.keys(), texts.keys()
     pairs = json.loads((out / "assignment.json").read_text())["assignment"]
     assert pairs == {image_keys[i]: text_keys[assignment[i]] for i in np.flatnonzero(assignment >= 0)}
 
