@@ -28,17 +28,14 @@ from open_clip.factory import parse_model_name
 
 from dime_ds.cli import run_entry
 from dime_ds.config import ConfigError, load_config
+from dime_ds.config.schema import RootConfig
 from dime_ds.demo.synthetic import write_world
-from dime_ds.demo.teacher import is_current, pretrain_clip, recipe_hash
-from dime_ds.engine.run import run_training
-from dime_ds.ground.stage import run_match_stage
-from dime_ds.embed.stage import run_embed_stage
 from dime_ds.models import read_openclip_dir
 
 log = logging.getLogger("dime_ds.demo")
 
 
-def teacher_dir(cfg) -> Path:
+def teacher_dir(cfg: RootConfig) -> Path:
     schema, path = parse_model_name(cfg.teacher.arch)
     if schema != "local-dir":
         raise ConfigError(f"the demo trains its own teacher: teacher.arch must be local-dir:<dir>, "
@@ -63,6 +60,8 @@ def student_overrides(overrides: Sequence[str]) -> list[str]:
 
 def ensure_teacher(overrides: Sequence[str], out_dir: Path) -> dict | None:
     """Train the demo teacher unless a current one (same recipe) is already there."""
+    from dime_ds.demo.teacher import is_current, pretrain_clip, recipe_hash
+
     cfg = load_config(["experiment=demo_teacher", *teacher_overrides(overrides)])
     write_world(cfg.data.root, cfg.data.synthetic)
     if is_current(out_dir, cfg):
@@ -75,7 +74,7 @@ def ensure_teacher(overrides: Sequence[str], out_dir: Path) -> dict | None:
     return pretrain_clip(cfg, out_dir)
 
 
-def _models_table(distill_cfg, summaries: dict, teacher_speed: float) -> dict:
+def _models_table(distill_cfg: RootConfig, summaries: dict, teacher_speed: float) -> dict:
     """The three models through dime_ds.eval, students loaded from their checkpoints like any user's."""
     import torch
 
@@ -101,6 +100,11 @@ def _models_table(distill_cfg, summaries: dict, teacher_speed: float) -> dict:
 
 
 def main(overrides: Sequence[str]) -> int:
+    # The stages import torch, DeepSpeed and faiss: after --help and a bad config have been answered.
+    from dime_ds.embed.stage import run_embed_stage
+    from dime_ds.engine.run import run_training
+    from dime_ds.ground.stage import run_match_stage
+
     start = time.time()
     distill_cfg = load_config(["experiment=demo", *student_overrides(overrides)])
     baseline_cfg = load_config(["experiment=demo_baseline", *student_overrides(overrides)])

@@ -40,6 +40,7 @@ from tqdm import tqdm
 
 from dime_ds.config.schema import SyntheticConfig
 from dime_ds.data.shards import ShardWriter, sha256_file
+from dime_ds.errors import UserError
 
 FORMAT_VERSION = 4  # 2: eval sets carry templates.txt; 3: shape prompts name colours; 4: eval/captions
 JPEG_QUALITY = 90
@@ -72,6 +73,10 @@ CONFIG_FIELDS = {
     "seed": int, "image_size": int, "n_images": int, "n_texts": int, "describing_fraction": float,
     "n_paired": int, "n_eval": int, "shard_size": int, "second_object_p": float,
 }
+
+
+class SyntheticConfigError(UserError, ValueError):
+    """A `data.synthetic` section whose counts or ranges cannot make a world."""
 
 
 def sample_rng(seed: int, split: str, index: int) -> np.random.Generator:
@@ -334,7 +339,7 @@ def text_plan(c: dict) -> list[tuple[str, Any]]:
     ("nonvisual", None). Drawn from its own seed, so each sentence can be regenerated alone."""
     n_describing = round(c["n_texts"] * c["describing_fraction"])
     if n_describing > c["n_images"]:
-        raise ValueError(f"{n_describing} describing sentences need as many distinct images, "
+        raise SyntheticConfigError(f"{n_describing} describing sentences need as many distinct images, "
                          f"but n_images={c['n_images']}; lower describing_fraction or n_texts")
     n_distractors = c["n_texts"] - n_describing
     n_other = (n_distractors + 1) // 2
@@ -425,9 +430,9 @@ def config_values(cfg: SyntheticConfig) -> dict:
     """The generator's knobs of a `data.synthetic` section (DictConfig or dataclass)."""
     values = {name: cast(getattr(cfg, name)) for name, cast in CONFIG_FIELDS.items()}
     if values["image_size"] < 8 or values["shard_size"] < 1 or values["seed"] < 0:
-        raise ValueError(f"synthetic config needs image_size >= 8, shard_size >= 1, seed >= 0: {values}")
+        raise SyntheticConfigError(f"synthetic config needs image_size >= 8, shard_size >= 1, seed >= 0: {values}")
     if not 0.0 <= values["describing_fraction"] <= 1.0 or not 0.0 <= values["second_object_p"] <= 1.0:
-        raise ValueError(f"describing_fraction and second_object_p must lie in [0, 1]: {values}")
+        raise SyntheticConfigError(f"describing_fraction and second_object_p must lie in [0, 1]: {values}")
     return values
 
 

@@ -20,6 +20,7 @@ from typing import Sequence
 
 from dime_ds.cli import run_entry
 from dime_ds.config import load_config
+from dime_ds.config.schema import RootConfig
 
 log = logging.getLogger("dime_ds.eval")
 ALIASES = {"model=": "eval.model=", "pretrained=": "eval.pretrained="}  # suite=: every entry point's (load_config)
@@ -33,7 +34,7 @@ def expand_aliases(overrides: Sequence[str]) -> list[str]:
     return out
 
 
-def default_out_dir(cfg) -> Path:
+def default_out_dir(cfg: RootConfig) -> Path:
     model = Path(cfg.eval.model).expanduser()
     if (model / "config.yaml").is_file():  # a dime_ds run directory keeps its own evaluations
         return model / "eval"

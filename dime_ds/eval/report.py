@@ -8,6 +8,7 @@ import os
 from pathlib import Path
 from typing import Mapping, Sequence
 
+from dime_ds.config.schema import EvalConfig
 from dime_ds.distributed import collectives as C
 from dime_ds.eval.features import Encoder
 from dime_ds.eval.suite import evaluate_suite, headline
@@ -68,7 +69,7 @@ def write_report(out_dir: str | os.PathLike, stem: str, results: Mapping[str, Ma
     return format_table(header, rows) + "".join(f"\n{n}" for n in notes), path
 
 
-def compare(encoders: Sequence[Encoder], eval_cfg, out_dir: str | os.PathLike, *, progress: bool = True,
+def compare(encoders: Sequence[Encoder], eval_cfg: EvalConfig, out_dir: str | os.PathLike, *, progress: bool = True,
             extra_rows: Sequence[Sequence] = (), notes: Sequence[str] = ()) -> dict[str, dict]:
     """Every model on the suite (all ranks take part); rank 0 prints the side-by-side table and
     writes <suite>.json / <suite>.md in out_dir. Returns {model: {dataset: metrics}}."""

@@ -9,8 +9,9 @@ from __future__ import annotations
 import logging
 import tarfile
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Iterable
 
+from dime_ds.config.schema import EvalConfig, EvalDatasetConfig
 from dime_ds.data.pipelines import SampleError
 from dime_ds.distributed import collectives as C
 from dime_ds.eval.features import Encoder, extract
@@ -30,7 +31,7 @@ def _all_ranks_see(path: str) -> bool:
     return C.reduce_scalar(1.0 if here else 0.0, op="min") > 0 if C.is_distributed() else here
 
 
-def evaluate_suite(encoder: Encoder, eval_cfg: Any, tasks: Iterable[str] | None = None, *,
+def evaluate_suite(encoder: Encoder, eval_cfg: EvalConfig, tasks: Iterable[str] | None = None, *,
                    lockstep: bool = False, progress: bool = True) -> dict[str, dict]:
     """{dataset: metrics} for every dataset (of `tasks`, default all), the same on every rank.
     Metrics always hold `task`; `missing: True` where the data is absent (on any rank), `error`
@@ -56,7 +57,7 @@ def evaluate_suite(encoder: Encoder, eval_cfg: Any, tasks: Iterable[str] | None 
     return results
 
 
-def _zeroshot(encoder: Encoder, ds: Any, eval_cfg: Any, opts: dict) -> dict | None:
+def _zeroshot(encoder: Encoder, ds: EvalDatasetConfig, eval_cfg: EvalConfig, opts: dict) -> dict | None:
     split = open_split(ds.path, ds.split)
     classnames = load_classnames(ds.classnames, split.meta_dir, split.folder_classes)
     split = with_class_names(split, classnames)
@@ -70,14 +71,14 @@ def _zeroshot(encoder: Encoder, ds: Any, eval_cfg: Any, opts: dict) -> dict | No
             "skipped": len(feats.skipped)}
 
 
-def _retrieval(encoder: Encoder, ds: Any, eval_cfg: Any, opts: dict) -> dict | None:
+def _retrieval(encoder: Encoder, ds: EvalDatasetConfig, eval_cfg: EvalConfig, opts: dict) -> dict | None:
     feats = extract(open_split(ds.path, ds.split), encoder, captions=True, **opts)
     if feats is None:
         return None
     return {**retrieval_metrics(feats.image, feats.text, feats.text_owner), "skipped": len(feats.skipped)}
 
 
-def _linear_probe(encoder: Encoder, ds: Any, eval_cfg: Any, opts: dict) -> dict | None:
+def _linear_probe(encoder: Encoder, ds: EvalDatasetConfig, eval_cfg: EvalConfig, opts: dict) -> dict | None:
     probe = eval_cfg.probe
     if has_split(ds.path, ds.train_split):
         if not has_split(ds.path, ds.split):
