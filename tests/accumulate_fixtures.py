@@ -91,3 +91,11 @@ def accumulated_step(objective, student: nn.Module, micro_batches: list[dict]) -
 
 def grads(model: nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def assert_grads_close(got: dict, want: dict, rtol: float = 1e-5) -> None:
+    """fp32 agreement: each element within rtol of itself or of its tensor's largest element (entries
+    near zero are sums of large terms that cancel)."""
+    assert got.keys() == want.keys()
+    for name, g in want.items():
+        torch.testing.assert_close(got[name], g, rtol=rtol, atol=rtol * g.abs().max().item(), msg=name)
