@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from tests.accumulate_fixtures import (OBJECTIVES, TinyStudent, accumulated_step, assert_grads_close, global_batch, grads,
-                                      plain_step, split)
+from tests.accumulate_fixtures import (OBJECTIVES, TinyStudent, accumulated_step, assert_grads_close, global_batch,
+                                      grads, plain_step, split)
 from tests.multirank.harness import run_ranks
 
 WORLD, A, MICRO = 2, 4, 2

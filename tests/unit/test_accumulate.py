@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from dime_ds.engine.accumulate import concat_samples
-from tests.accumulate_fixtures import (OBJECTIVES, TinyStudent, accumulated_step, assert_grads_close, global_batch, grads,
-                                      plain_step, split)
+from tests.accumulate_fixtures import (OBJECTIVES, TinyStudent, accumulated_step, assert_grads_close, global_batch,
+                                      grads, plain_step, split)
 
 A = 4
 
