@@ -1,5 +1,6 @@
 """The training loop: one optimizer step = grad_accum micro-steps of the objective (batch, teacher
-targets, student forward, named losses) through a DeepSpeed engine; then log, evaluate, checkpoint.
+targets, student forward, named losses) through a DeepSpeed engine, with one loss over all of them
+when grad_accum > 1 (engine/accumulate.py); then log, evaluate, checkpoint.
 The loop knows no method: DIME-FM and CLIP are objectives (dime_ds/objectives)."""
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from tqdm import tqdm
 from dime_ds.config.schema import RootConfig
 from dime_ds.distributed import collectives as C
 from dime_ds.distributed.env import WorldInfo
-from dime_ds.engine import checkpoint
+from dime_ds.engine import accumulate, checkpoint
 from dime_ds.engine.ds_config import build_ds_config, engine_precision
 from dime_ds.engine.param_groups import param_groups
 from dime_ds.engine.schedule import lr_at
@@ -147,18 +148,44 @@ class Trainer:
         return step == self.cfg.optim.steps or (every > 0 and step % every == 0)
 
     def _optimizer_step(self) -> dict:
-        t0, objective = time.perf_counter(), self.objective
-        for _ in range(self.cfg.optim.grad_accum):  # DeepSpeed steps the optimizer at the boundary
-            with self.meter.timed("data_s"):
-                batch = objective.next_batch()
-            with self.meter.timed("teacher_s"):
-                targets = objective.targets(batch)
-            with self.meter.timed("student_s"):
-                losses = objective.losses(objective.student_features(self._forward, batch), targets)
-                self.engine.backward(losses["total"])
-                self.engine.step()
+        t0 = time.perf_counter()
+        losses = self._accumulated_step() if self.cfg.optim.grad_accum > 1 else self._single_step()
         self.meter.step_done(self.cfg.optim.global_batch_size, time.perf_counter() - t0)
         return losses
+
+    def _single_step(self) -> dict:
+        """grad_accum=1: one micro-batch per rank, one forward with gradient."""
+        objective = self.objective
+        with self.meter.timed("data_s"):
+            batch = objective.next_batch()
+        with self.meter.timed("teacher_s"):
+            targets = objective.targets(batch)
+        with self.meter.timed("student_s"):
+            losses = objective.losses(objective.student_features(self._forward, batch), targets)
+            self.engine.backward(losses["total"])
+            self.engine.step()
+        return losses
+
+    def _accumulated_step(self) -> dict:
+        """grad_accum=A: the softmaxes span all A micro-batches of every rank (engine/accumulate.py);
+        the extra forward without gradient is timed as embed_s. DeepSpeed steps the optimizer at the
+        A-th engine.step()."""
+        objective, batches, targets = self.objective, [], []
+        for _ in range(self.cfg.optim.grad_accum):
+            with self.meter.timed("data_s"):
+                batches.append(objective.next_batch())
+            with self.meter.timed("teacher_s"):
+                targets.append(objective.targets(batches[-1]))
+        with self.meter.timed("embed_s"):
+            embedded = accumulate.embed(objective, self._forward, batches, self.device)
+        with self.meter.timed("student_s"):
+            return accumulate.backward_each(objective, self._forward, self._backward_and_step, batches, targets,
+                                            embedded)
+
+    def _backward_and_step(self, surrogate: torch.Tensor) -> None:
+        # Not divided by grad_accum: the surrogate's gradients already sum to the whole batch's.
+        self.engine.backward(surrogate, scale_wrt_gas=False)
+        self.engine.step()
 
     def _log(self, step: int, losses: dict, bar) -> dict:
         window = self.meter.take()
@@ -169,7 +196,7 @@ class Trainer:
             values["optim/grad_norm"] = float(norm)
         if window.get("seconds"):
             values["perf/samples_per_s"] = window["samples"] / window["seconds"]
-        for phase in ("data_s", "teacher_s", "student_s"):
+        for phase in ("data_s", "teacher_s", "embed_s", "student_s"):
             values[f"perf/{phase}_per_step"] = window.get(phase, 0.0) / max(1, window.get("steps", 1))
         for name, count in self.objective.skipped().items():
             values[f"data/skipped_{name}"] = C.reduce_scalar(count)

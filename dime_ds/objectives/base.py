@@ -5,8 +5,9 @@ One micro-step, as the trainer runs it for every objective:
     targets  = objective.targets(batch)                    # the teacher's side: no gradient
     features = objective.student_features(student, batch)  # the student's forward, with gradient
     losses   = objective.losses(features, targets)         # {"total": ..., one entry per term}
-Keeping the four apart lets the trainer time each, and lets a later accumulation scheme embed
-several micro-batches before one loss over all of them."""
+Keeping the four apart lets the trainer time each, and lets gradient accumulation (engine/accumulate.py)
+embed several micro-batches before one loss over all of them: `losses` then receives the features
+and targets of all of them concatenated along dim 0."""
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
@@ -41,6 +42,9 @@ class Objective(ABC):
     name: str = ""
     # Width of the space the student must embed into (the teacher's); None: the student's own.
     target_dim: int | None = None
+    # Features that are not per-sample (the same value in every micro-batch, e.g. CLIP's logit scale):
+    # accumulation takes one micro-batch's value instead of concatenating them.
+    SHARED_FEATURES: tuple[str, ...] = ()
 
     @classmethod
     @abstractmethod

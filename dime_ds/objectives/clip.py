@@ -17,6 +17,7 @@ from dime_ds.objectives.base import Objective, RunContext, StudentForward
 
 class ClipObjective(Objective):
     name = "clip"
+    SHARED_FEATURES = ("logit_scale",)
 
     def __init__(self, data_cfg: DataConfig, ctx: RunContext):
         self.data_cfg, self.ctx = data_cfg, ctx
