@@ -2,8 +2,9 @@
 optim.grad_accum=4 end with the weights, and log the loss, of grad_accum=1 runs of the same global
 batch; per ZeRO stage, teacher source and objective.
 
-Tolerance: the student computes in bf16, and DeepSpeed sums 4 micro-batch gradients where the
-reference has one, so the runs agree to bf16 rounding only. `optim.eps=1` makes Adam's early
+Tolerance: the student computes in the precision policy's dtype (bf16, or fp32 on CPUs without
+native bf16), and DeepSpeed sums 4 micro-batch gradients where the reference has one, so the runs
+agree to that rounding only (bf16 being the looser bound the tolerance is set for). `optim.eps=1` makes Adam's early
 updates proportional to the gradient instead of its sign, so a wrong gradient shows in the
 weights: each tensor's difference between the runs must stay under 10 % of its own 3-step update,
 and the whole model's under 1 % (measured: 5 % and 0.05 %; accumulating per-micro-batch softmaxes,
@@ -77,7 +78,9 @@ def test_accumulated_runs_end_with_the_weights_of_one_big_micro_batch(case, tmp_
     assert got.keys() == ref.keys() == start.keys()
     diff = {k: (got[k].float() - ref[k].float()).norm().item() for k in ref}
     update = {k: (ref[k].float() - start[k].float()).norm().item() for k in ref}
-    assert all(u > 0 for u in update.values()), "every tensor must have trained"
+    # DIME-FM fixes its logit scale at 100: the student's own CLIP scale gets no gradient there.
+    untrained = {"logit_scale"} if "loss=clip" not in extra else set()
+    assert all(u > 0 for k, u in update.items() if k not in untrained), "every trained tensor must have moved"
     for key in ref:
         assert diff[key] <= 0.1 * update[key], f"{key}: |A=4 - A=1| {diff[key]:.3g}, its update {update[key]:.3g}"
     assert sum(d ** 2 for d in diff.values()) <= 0.01 ** 2 * sum(u ** 2 for u in update.values())
