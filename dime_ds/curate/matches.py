@@ -77,8 +77,11 @@ def match_shard(matcher: Matcher, directory: str | Path, index: int, source: str
         try:
             sample = decode_sample({k: v for k, v in raw.items() if k in ("__key__", "__url__", "__truncated__", "txt")})
             text = sample["text"]
-        except (SampleError, KeyError) as err:
-            skipped.append({"key": raw.get("__key__"), "reason": str(err) or "no txt"})
+        except SampleError as err:
+            skipped.append({"key": raw.get("__key__"), "reason": str(err)})
+            continue
+        except KeyError:
+            skipped.append({"key": raw.get("__key__"), "reason": "no txt field"})
             continue
         sentences += 1
         found = matcher(text)

@@ -17,6 +17,7 @@ corpus in and writes the report. A sentence's keep draw hashes (curate.seed, its
 curated corpus is the same for every world size, rerun and resume (tested)."""
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -58,10 +59,10 @@ def _sum_over_ranks(values: np.ndarray) -> np.ndarray:
 
 def _match_rank(meta: Metadata, urls: list[str], mine: list[int], directory: Path, progress: bool
                 ) -> tuple[list[ShardMatches], int]:
-    matcher = metaclip.Matcher(meta.entries)
+    matcher, digest = metaclip.Matcher(meta.entries), metadata_digest(meta)
     parts, computed = [], 0
     for i in tqdm(mine, desc="curate: matching", unit="shard", disable=not progress):
-        part, now = match_shard(matcher, directory, i, urls[i], metadata_digest(meta))
+        part, now = match_shard(matcher, directory, i, urls[i], digest)
         parts.append(part)
         computed += now
     return parts, computed
@@ -69,8 +70,6 @@ def _match_rank(meta: Metadata, urls: list[str], mine: list[int], directory: Pat
 
 def metadata_digest(meta: Metadata) -> str:
     """What the match records depend on: the normalised entries (not the file's bytes)."""
-    import hashlib
-
     return hashlib.sha256("\n".join(meta.entries).encode("utf-8")).hexdigest()
 
 
