@@ -22,12 +22,19 @@ DONE = "curate.json"  # written last by the curation stage: the curated pool is 
 
 
 class CuratedPoolError(UserError, FileNotFoundError):
-    """curate.enabled names a curated pool that the curation stage has not (completely) written."""
+    """A sentence pool that is not there: none configured, or curate.enabled naming a curated pool
+    that the curation stage has not (completely) written."""
 
 
 def raw_pool(cfg: RootConfig) -> str:
     """The uncurated sentence pool: data.corpus, else data.texts."""
-    return cfg.data.get("corpus", None) or cfg.data.texts
+    from omegaconf import OmegaConf
+
+    if cfg.data.get("corpus", None):
+        return cfg.data.corpus
+    if OmegaConf.is_missing(cfg.data, "texts") or not cfg.data.texts:
+        raise CuratedPoolError("no sentence pool: set data.corpus=<sentence shards> (or data.texts)")
+    return cfg.data.texts
 
 
 def curated_dir(cfg: RootConfig) -> Path:

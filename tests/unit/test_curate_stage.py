@@ -157,6 +157,12 @@ def test_clear_errors(pool, tmp_path, capsys, extra, message):
     assert re.search(message, capsys.readouterr().err)
 
 
+def test_no_pool_is_a_message(pool, tmp_path, capsys):
+    args = [f"work_dir={tmp_path}", f"curate.metadata={pool[1]}", "curate.t=5", "device=cpu"]  # data.texts: ???
+    assert run_entry(main, args) == 2
+    assert "no sentence pool: set data.corpus" in capsys.readouterr().err
+
+
 def test_non_utf8_metadata_is_a_message(pool, tmp_path, capsys):
     bad = tmp_path / "meta.txt"
     bad.write_bytes(b"dog\n\xe9t\xe9\n")
