@@ -47,7 +47,7 @@ def _markdown(r: dict) -> str:
     e, m = r["entries"], r["matches"]
     lines = [
         "# Curated sentence pool (MetaCLIP metadata balancing)", "",
-        f"- pool: `{r['pool']}`: {r['sentences']} sentences ({r['skipped']} undecodable, skipped)",
+        f"- pool: `{r['pool']}`: {r['sentences']} sentences ({r['skipped']} more undecodable, skipped)",
         f"- metadata: `{r['metadata']['path']}`, {r['metadata']['entries']} entries"
         + "".join(f"; {n}" for n in r["metadata"]["notes"]),
         f"- matched an entry: {r['sentences_matched']} sentences ({r['unmatched_dropped']} matching nothing, dropped)",
