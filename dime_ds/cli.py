@@ -33,6 +33,7 @@ def run_entry(main: Callable[[Sequence[str]], int], argv: Sequence[str] | None =
 # (then the module's docstring is its --help; the others parse their own flags).
 COMMANDS: dict[str, tuple[str, bool]] = {
     "distill": ("dime_ds.distill", True),
+    "curate": ("dime_ds.curate.__main__", True),
     "match": ("dime_ds.match", True),
     "eval": ("dime_ds.eval.__main__", True),
     "export": ("dime_ds.export", False),

@@ -1,4 +1,4 @@
-"""`python -m dime_ds.launch [flags] stage=distill|embed|match|eval [hydra overrides]`: submit one
+"""`python -m dime_ds.launch [flags] stage=distill|curate|embed|match|eval [hydra overrides]`: submit one
 stage to SLURM through submitit (or run it on this machine with --local).
 
     python -m dime_ds.launch --nodes 8 stage=distill experiment=vitb32_from_vitl14
@@ -37,6 +37,7 @@ log = logging.getLogger(__name__)
 # stage -> (entry module, arguments the module needs to select the stage)
 STAGES: dict[str, tuple[str, tuple[str, ...]]] = {
     "distill": ("dime_ds.distill", ()),
+    "curate": ("dime_ds.curate", ("stage=metaclip",)),
     "embed": ("dime_ds.match", ("stage=embed",)),
     "match": ("dime_ds.match", ("stage=match",)),
     "eval": ("dime_ds.eval", ()),

@@ -125,6 +125,24 @@ class MatchConfig:
 
 
 @dataclass
+class CurateConfig:
+    """MetaCLIP curation of the sentence pool (data.corpus, else data.texts) before it is embedded
+    and grounded: `python -m dime_ds.curate stage=metaclip`. Exactly one of t, target_size,
+    tail_share sets the balancing threshold."""
+
+    stage: str = "metaclip"  # python -m dime_ds.curate stage=metaclip (the only method so far)
+    # true: the embed and match stages ground the curated pool <out_dir>/corpus instead of data.corpus
+    enabled: bool = False
+    metadata: Optional[str] = None  # entry list: MetaCLIP's metadata.json (a JSON list) or one entry a line
+    t: Optional[float] = None  # head/tail threshold: entries matched more often are capped near t texts
+    target_size: Optional[int] = None  # or: the t whose expected curated size is this many sentences
+    tail_share: Optional[float] = None  # or: the t whose tail share p(t) is this (MetaCLIP's carry-over)
+    seed: int = 0  # the keep draw of a sentence hashes (seed, its key)
+    out_dir: str = "${work_dir}/curated"
+    top_entries: int = 30  # largest entries listed in the report
+
+
+@dataclass
 class EvalDatasetConfig:
     # A dataset directory: webdataset shards (`cls` labels or `txt` captions, one per line) or an
     # ImageFolder tree (one subdirectory per class); split subdirectories (test/, train/) are used
@@ -203,6 +221,7 @@ class RootConfig:
     log: LogConfig = field(default_factory=LogConfig)
     ckpt: CkptConfig = field(default_factory=CkptConfig)
     match: MatchConfig = field(default_factory=MatchConfig)
+    curate: CurateConfig = field(default_factory=CurateConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     slurm: SlurmConfig = field(default_factory=SlurmConfig)
 

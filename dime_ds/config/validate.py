@@ -24,6 +24,7 @@ CHOICES = {
     "dist.backend": ("auto", "nccl", "gloo"),
     "match.index": ("flat", "ivf"),
     "match.stage": ("embed", "match", "all"),
+    "curate.stage": ("metaclip",),
     "eval.precision": ("auto", "bf16", "fp16", "fp32"),
 }
 EVAL_TASKS = ("zeroshot", "retrieval", "linear_probe")
@@ -32,7 +33,7 @@ POSITIVE = (
     "loss.t_vl", "loss.t_pvl", "loss.t_ud", "loss.scale", "optim.lr", "optim.steps",
     "optim.global_batch_size", "optim.grad_accum", "optim.eps", "log.every_n_steps",
     "ckpt.keep_last", "match.topk", "match.block_size", "match.batch_size", "eval.batch_size",
-    "eval.probe.max_iter",
+    "eval.probe.max_iter", "curate.top_entries",
     "data.synthetic.image_size", "data.synthetic.shard_size", "slurm.nodes",
 )
 NON_NEGATIVE = (
@@ -116,8 +117,24 @@ def validate(cfg: DictConfig) -> None:
         errors.append(f"eval.periodic_tasks has {bad_tasks}; allowed: {', '.join(EVAL_TASKS)}")
     if not cfg.eval.probe.reg or any(r < 0 for r in cfg.eval.probe.reg):
         errors.append(f"eval.probe.reg={list(cfg.eval.probe.reg)} must be a non-empty list of L2 strengths >= 0")
+    errors.extend(_curate_errors(cfg.curate))
     if errors:
         raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(errors))
+
+
+def _curate_errors(c) -> list[str]:
+    errors = []
+    given = [k for k in ("t", "target_size", "tail_share") if c[k] is not None]
+    if len(given) > 1:
+        errors.append(f"curate.{' and curate.'.join(given)} are all set: give one (the threshold t, a target "
+                      "size, or a tail share)")
+    if c.t is not None and not c.t > 0:
+        errors.append(f"curate.t={c.t!r} must be > 0")
+    if c.target_size is not None and not c.target_size > 0:
+        errors.append(f"curate.target_size={c.target_size!r} must be > 0")
+    if c.tail_share is not None and not 0.0 < c.tail_share <= 1.0:
+        errors.append(f"curate.tail_share={c.tail_share!r} must lie in (0, 1]")
+    return errors
 
 
 def require(cfg: DictConfig, *keys: str) -> None:

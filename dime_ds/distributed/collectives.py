@@ -48,6 +48,16 @@ def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
     return (out / world_size()).to(t.device)
 
 
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    """Sum over ranks, out of place, no gradient, on `t`'s device. Integer tensors sum exactly, in
+    any order: what a result that must not depend on the rank split sums (entry counts)."""
+    if not is_distributed() or world_size() == 1:
+        return t.detach().clone()
+    out = t.detach().to(_comm_device(t), copy=True)
+    dist.all_reduce(out, op=dist.ReduceOp.SUM)
+    return out.to(t.device)
+
+
 def reduce_scalar(value: float, op: str = "sum") -> float:
     """A Python number reduced over ranks: op "sum", "max" or "min" (counts, stop flags, agreement)."""
     if not is_distributed() or world_size() == 1:

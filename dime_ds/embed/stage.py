@@ -201,16 +201,18 @@ def _embed_modality(ctx: StageContext, teacher: Teacher, model: str, spec: str, 
 
 def run_embed_stage(cfg: RootConfig) -> dict:
     """`python -m dime_ds.match stage=embed`: the configured teacher embeds data.images and data.corpus
-    (data.texts when null) into `<match.embed_dir>/images` and `/texts`, on every rank of the job (a
+    (data.texts when null; with curate.enabled the curated pool <curate.out_dir>/corpus) into
+    `<match.embed_dir>/images` and `/texts`, on every rank of the job (a
     process group is made when the world has several ranks and none exists). Each rank embeds input
     shards i % world == rank; finished shards from unchanged sources are skipped; rank 0 writes each
     manifest once all ranks are done. A failure on any rank is raised on every rank. Returns
     {modality: manifest} on every rank."""
+    from dime_ds.curate.pool import text_pool
     from dime_ds.models import load_teacher
 
     with stage(cfg.dist, cfg.device) as ctx:
+        texts = agreed(text_pool, cfg, what="finding the sentence pool")  # the pool the match stage grounds
         teacher = agreed(load_teacher, cfg.teacher, ctx.device, what="loading the teacher")
         model = teacher_name(cfg.teacher)
-        texts = cfg.data.get("corpus", None) or cfg.data.texts  # the raw corpus the match stage grounds
         return {modality: _embed_modality(ctx, teacher, model, spec, modality, cfg.match, bool(cfg.log.progress))
                 for modality, spec in (("images", cfg.data.images), ("texts", texts))}

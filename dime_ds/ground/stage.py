@@ -122,9 +122,24 @@ def write_outputs(out_dir: str | os.PathLike, result, image_cache: EmbeddingCach
     return report
 
 
-def _open_inputs(match_cfg: MatchConfig) -> tuple[EmbeddingCache, EmbeddingCache, np.ndarray | None]:
-    images, texts = open_image_text_caches(match_cfg.embed_dir)
-    return images, texts, load_text_map(match_cfg, images, texts)
+def _open_inputs(cfg: RootConfig) -> tuple[EmbeddingCache, EmbeddingCache, np.ndarray | None]:
+    images, texts = open_image_text_caches(cfg.match.embed_dir)
+    check_pool(cfg, texts)
+    return images, texts, load_text_map(cfg.match, images, texts)
+
+
+def check_pool(cfg: RootConfig, texts: EmbeddingCache) -> None:
+    """With curate.enabled the text cache must hold the curated pool: one embedded before curation
+    would ground the raw pool."""
+    from dime_ds.curate.pool import CuratedPoolError, curated_dir, text_pool
+
+    if not cfg.curate.enabled:
+        return
+    pool = Path(text_pool(cfg)).resolve()
+    stray = [r["source"] for r in texts.manifest["shards"] if Path(r["source"]).resolve().parent != pool]
+    if stray:
+        raise CuratedPoolError(f"curate.enabled=true but the text embeddings in {texts.directory} are of "
+                               f"{stray[0]}, not of the curated pool {curated_dir(cfg)}: run stage=embed again")
 
 
 def _candidates(ctx: StageContext, m: MatchConfig, images: EmbeddingCache, texts: EmbeddingCache, text_map,
@@ -161,7 +176,7 @@ def run_match_stage(cfg: RootConfig) -> dict:
     started = time.perf_counter()
     m = cfg.match
     with stage(cfg.dist, cfg.device) as ctx:
-        images, texts, text_map = agreed(_open_inputs, m, what="opening the embedding caches")
+        images, texts, text_map = agreed(_open_inputs, cfg, what="opening the embedding caches")
         progress = bool(cfg.log.progress) and ctx.is_main
         use_gpu = False if cfg.device == "cpu" else None
         if ctx.world_size == 1:

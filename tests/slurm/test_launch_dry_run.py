@@ -49,3 +49,13 @@ def test_checkpoint_resubmits_with_resume_latest():
     again = job.checkpoint().function.checkpoint().function
     assert again.overrides == ["experiment=demo", RESUME]
     assert StageJob("match", []).argv() == ["stage=match"]
+    assert StageJob("curate", ["curate.t=5"]).argv() == ["stage=metaclip", "curate.t=5"]
+
+
+def test_dry_run_curate_stage(tmp_path):
+    run = subprocess.run([sys.executable, "-m", "dime_ds.launch", "--dry-run", "--nodes", "2", "--job-dir", str(tmp_path),
+                          "stage=curate", "experiment=demo", "curate.metadata=/data/metadata.json", "curate.t=20000"],
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert _sbatch_flags(run.stdout)["nodes"] == "2"
+    assert "metadata: /data/metadata.json" in run.stdout and "# stage curate: dime_ds.curate stage=metaclip" in run.stdout

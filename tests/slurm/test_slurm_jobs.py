@@ -125,3 +125,26 @@ def test_launch_embed_then_match_through_submitit(slurm_cluster, tmp_path, tiny_
         logs = "\n".join(p.read_text()[-2000:] for p in sorted((tmp_path / "jobs").rglob("*_log.err")))
         assert run.returncode == 0, f"stage {stage}:\n{run.stdout}\n{run.stderr}\n{logs}"
     assert list((tmp_path / "grounded").rglob("*.tar"))
+
+
+def test_sbatch_match_corpus_script_curates_then_grounds(slurm_cluster, tmp_path, tiny_world, tiny_teacher_dir):
+    """STAGES="curate embed match": the pool is curated on 2 tasks, then embedded and grounded."""
+    from dime_ds.demo.synthetic import COLOUR_NAMES, SHAPES
+
+    meta = tmp_path / "entries.txt"
+    meta.write_text("\n".join([*SHAPES, *COLOUR_NAMES]) + "\n")
+    out = tmp_path / "slurm-%j.out"
+    overrides = [f"work_dir={tmp_path}", f"data.root={tiny_world}", f"teacher.arch=local-dir:{tiny_teacher_dir}",
+                 "device=cpu", "log.progress=false", f"curate.metadata={meta}", "curate.t=3", "match.topk=4",
+                 "match.stop_ratio=1.0"]
+    run = subprocess.run(["sbatch", "--wait", "--parsable", f"--output={out}", *SBATCH_CPU,
+                          str(REPO / "slurm" / "match_corpus.sh"), *overrides],
+                         capture_output=True, text=True, env=_script_env(STAGES="curate embed match"), timeout=280)
+    job_id = run.stdout.strip().split(";")[0]
+    log = Path(str(out).replace("%j", job_id)).read_text()
+    assert run.returncode == 0, f"{run.stderr}\n{log[-4000:]}"
+    assert "curating" in log and "curated pool:" in log
+    curated = json.loads((tmp_path / "curated" / "curate.json").read_text())
+    manifest = json.loads((tmp_path / "embeddings" / "texts" / "manifest.json").read_text())
+    assert {Path(r["source"]).parent for r in manifest["shards"]} == {Path(curated["corpus"])}
+    assert list((tmp_path / "grounded" / "corpus").glob("*.tar"))
