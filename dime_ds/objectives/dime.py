@@ -70,7 +70,14 @@ class DimeObjective(Objective):
         return {"images": self.images.skipped, "texts": self.texts.skipped}
 
     def next_batch(self) -> dict:
-        return {"images": next(self.images), "texts": next(self.texts)}
+        """The streams' batches plus the student's own inputs, prepared once: with accumulation the
+        student forwards each micro-batch twice."""
+        images, texts = next(self.images), next(self.texts)
+        student = {"images": repreprocess(images["images"], self._stream_preprocess(), self.student_preprocess),
+                   "tokens": None}
+        if self.student_tokenize is not None:  # tokenized for the student already unless a live teacher took the stream's
+            student["tokens"] = texts["tokens"] if self.teacher.tokenizer is None else self.student_tokenize(texts["texts"])
+        return {"images": images, "texts": texts, "student": student}
 
     # ------------------------------------------------------------------ step
     def targets(self, batch: dict) -> dict:
@@ -79,14 +86,9 @@ class DimeObjective(Objective):
         return {"image": t_img, "text": t_txt}
 
     def student_features(self, student: StudentForward, batch: dict) -> dict:
-        device = self.ctx.device
-        images = repreprocess(batch["images"]["images"], self._stream_preprocess(), self.student_preprocess)
-        tokens = None
-        if self.student_tokenize is not None:
-            texts = batch["texts"]  # tokenized for the student already unless a live teacher needed its own tokens
-            tokens = (texts["tokens"] if self.teacher.tokenizer is None else self.student_tokenize(texts["texts"]))
-            tokens = tokens.to(device)
-        out = student(images=images.to(device, self.ctx.precision.dtype), tokens=tokens)
+        device, inputs = self.ctx.device, batch["student"]
+        tokens = inputs["tokens"].to(device) if inputs["tokens"] is not None else None
+        out = student(images=inputs["images"].to(device, self.ctx.precision.dtype), tokens=tokens)
         return {"image": out.image.float(), "text": out.text.float() if out.text is not None else None}
 
     def losses(self, features: dict, targets: dict) -> dict[str, torch.Tensor]:
