@@ -7,7 +7,8 @@
 
 `model=`, `pretrained=` and `suite=` are short for `eval.model=`, `eval.pretrained=` and the `eval=`
 config group; `suite=/path/suite.yaml` reads a suite file of your own, and
-`+eval.datasets.NAME.path=DIR [+eval.datasets.NAME.task=retrieval]` adds a dataset of your own. A dime_ds run/checkpoint is shown beside its own teacher (`eval.teacher=auto`);
+`+eval.datasets.NAME.path=DIR [+eval.datasets.NAME.task=retrieval]` adds a dataset of your own.
+A dime_ds run/checkpoint is shown beside its own teacher (`eval.teacher=auto`);
 `eval.teacher=none` leaves it out. On several ranks (torchrun, srun, the launcher) every rank
 extracts a share of the features; rank 0 prints the table and writes <suite>.json and <suite>.md."""
 from __future__ import annotations

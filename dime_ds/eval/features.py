@@ -13,8 +13,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from dime_ds.data.pipelines import image_transform, preprocess_size
-from dime_ds.data.pipelines import SampleError
+from dime_ds.data.pipelines import SampleError, image_transform, preprocess_size
 from dime_ds.distributed import collectives as C
 from dime_ds.distributed.stage import gather_to_main, raise_agreed
 from dime_ds.eval.sources import EvalDataError, EvalSplit, Reader, collate
