@@ -143,6 +143,17 @@ class CurateConfig:
 
 
 @dataclass
+class ClusterConfig:
+    """CLIP-CID pseudo-classes: spherical k-means of the teacher's image embeddings
+    (`python -m dime_ds.curate stage=cluster`), read by the cluster-discrimination loss."""
+
+    k: int = 1000  # number of pseudo-classes (CLIP-CID's line uses up to 10^6; the paper's value is not public)
+    niter: int = 20  # k-means iterations
+    seed: int = 0
+    out_dir: str = "${match.embed_dir}/clusters"  # centroids.npy, labels.npz, manifest.json
+
+
+@dataclass
 class EvalDatasetConfig:
     # A dataset directory: webdataset shards (`cls` labels or `txt` captions, one per line) or an
     # ImageFolder tree (one subdirectory per class); split subdirectories (test/, train/) are used
@@ -222,6 +233,7 @@ class RootConfig:
     ckpt: CkptConfig = field(default_factory=CkptConfig)
     match: MatchConfig = field(default_factory=MatchConfig)
     curate: CurateConfig = field(default_factory=CurateConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     slurm: SlurmConfig = field(default_factory=SlurmConfig)
 
