@@ -125,6 +125,19 @@ class MatchConfig:
 
 
 @dataclass
+class EmbedConfig:
+    """Augmented views in the teacher cache (MobileCLIP's reinforced datasets): the embed stage stores
+    K views per image with their crop/flip parameters; distillation re-applies the chosen view's
+    parameters for the student. The crop scale is data.crop_scale_min, as in training."""
+
+    views: int = 1  # K views per image; 1: the plain centre view only (the cache format before views)
+    seed: int = 0  # view parameters are drawn from (seed, image key, view index) alone
+    # which view an image shows in an epoch (data.augment=true): random from (run seed, key, epoch)
+    # | round_robin: every view once per K epochs
+    choice: str = "random"
+
+
+@dataclass
 class CurateConfig:
     """MetaCLIP curation of the sentence pool (data.corpus, else data.texts) before it is embedded
     and grounded: `python -m dime_ds.curate stage=metaclip`. Exactly one of t, target_size,
@@ -232,6 +245,7 @@ class RootConfig:
     log: LogConfig = field(default_factory=LogConfig)
     ckpt: CkptConfig = field(default_factory=CkptConfig)
     match: MatchConfig = field(default_factory=MatchConfig)
+    embed: EmbedConfig = field(default_factory=EmbedConfig)
     curate: CurateConfig = field(default_factory=CurateConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)

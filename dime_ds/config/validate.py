@@ -25,6 +25,7 @@ CHOICES = {
     "match.index": ("flat", "ivf"),
     "match.stage": ("embed", "match", "all"),
     "curate.stage": ("metaclip",),
+    "embed.choice": ("random", "round_robin"),
     "eval.precision": ("auto", "bf16", "fp16", "fp32"),
 }
 EVAL_TASKS = ("zeroshot", "retrieval", "linear_probe")
@@ -34,12 +35,12 @@ POSITIVE = (
     "optim.global_batch_size", "optim.grad_accum", "optim.eps", "log.every_n_steps",
     "ckpt.keep_last", "match.topk", "match.block_size", "match.batch_size", "eval.batch_size",
     "eval.probe.max_iter", "curate.top_entries",
-    "data.synthetic.image_size", "data.synthetic.shard_size", "slurm.nodes",
+    "data.synthetic.image_size", "data.synthetic.shard_size", "slurm.nodes", "embed.views",
 )
 NON_NEGATIVE = (
     "loss.w_vl", "loss.w_pvl", "loss.w_ud", "optim.weight_decay", "optim.warmup_steps",
     "optim.min_lr", "optim.grad_clip", "ckpt.every_n_steps", "eval.every_n_steps",
-    "data.workers", "eval.workers", "slurm.gpus_per_node",
+    "data.workers", "eval.workers", "slurm.gpus_per_node", "embed.seed",
 )
 FRACTIONS = ("match.stop_ratio", "data.crop_scale_min", "data.synthetic.describing_fraction",
              "data.synthetic.second_object_p", "eval.probe.val_fraction", "eval.probe.test_fraction")

@@ -8,8 +8,8 @@ that state (same shards, seed, rank, world, batch size and worker count) yields 
 augmentations included, that the uninterrupted one would have yielded next. Resuming decodes nothing
 that was consumed before. `workers=0` and `workers=1` are the same stream and may replace each other.
 
-`image_batches`, `text_batches` and `paired_batches` build the three streams the engines use. Each
-has its own salt, so the image and text streams of one seed are independent.
+`image_batches` (or `view_batches`), `text_batches` and `paired_batches` build the streams the
+engines use. Each has its own salt, so the image and text streams of one seed are independent.
 """
 from __future__ import annotations
 
@@ -203,4 +203,15 @@ def paired_batches(urls: Sequence[str], transform: Callable, tokenize: Callable,
     """Image-caption pairs (the CLIP loss): {"images", "tokens", "keys"}."""
     return _batches(urls, functools.partial(_paired_sample, transform, tokenize), (*IMAGE_EXTS, "txt"),
                     batch_size, seed=seed, rank=rank, world=world, workers=workers,
+                    shuffle_buffer=shuffle_buffer, start=start, salt=salt, pin_memory=pin_memory)
+
+
+def view_batches(urls: Sequence[str], sampler: Callable[[dict], dict], batch_size: int, *, seed: int,
+                 rank: int = 0, world: int = 1, workers: int = 0, shuffle_buffer: int = 1000,
+                 start: Mapping[str, Any] | None = None, salt: str = "images",
+                 pin_memory: bool = False) -> BatchStream:
+    """Unpaired images shown through K fixed views (a dime_ds.data.views.ViewSampler): {"images",
+    "keys", "views": LongTensor[B] (each image's view), "view_params": IntTensor[B, 5]}. The view
+    derives from (key, epoch) and the epoch is in the cursor, so a resumed stream shows the same."""
+    return _batches(urls, sampler, IMAGE_EXTS, batch_size, seed=seed, rank=rank, world=world, workers=workers,
                     shuffle_buffer=shuffle_buffer, start=start, salt=salt, pin_memory=pin_memory)

@@ -55,11 +55,16 @@ def preprocess_size(preprocess_cfg: Mapping[str, Any]) -> tuple[int, int]:
     return tuple(size) if isinstance(size, (list, tuple)) else (size, size)
 
 
+def interpolation(preprocess_cfg: Mapping[str, Any]) -> T.InterpolationMode:
+    """The resampling filter of an OpenCLIP preprocess config (bicubic unless it says otherwise)."""
+    return T.InterpolationMode.BICUBIC if preprocess_cfg.get("interpolation", "bicubic") == "bicubic" \
+        else T.InterpolationMode.BILINEAR
+
+
 def image_transform(preprocess_cfg: Mapping[str, Any], train: bool, crop_scale_min: float = 0.5) -> Callable:
     """The model's preprocessing; in training, the paper's augmentation (random resized crop, flip)."""
     size = preprocess_size(preprocess_cfg)
-    interp = T.InterpolationMode.BICUBIC if preprocess_cfg.get("interpolation", "bicubic") == "bicubic" \
-        else T.InterpolationMode.BILINEAR
+    interp = interpolation(preprocess_cfg)
     normalize = T.Normalize(preprocess_cfg["mean"], preprocess_cfg["std"])
     if train:
         geometry = [T.RandomResizedCrop(size, scale=(crop_scale_min, 1.0), interpolation=interp),

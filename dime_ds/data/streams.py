@@ -11,7 +11,8 @@ So a worker's position is a cursor (epoch, k): k raw samples of epoch e have lef
 Resuming at a cursor replays the buffer over raw samples and decodes nothing before k. The random
 augmentation of the sample at position k is drawn with torch's CPU generator (and Python's
 `random`) seeded from (seed, salt, e, r, w, k) and restored afterwards, so it depends on nothing
-else: not on timing, on the process it runs in, or on the caller's RNG.
+else: not on timing, on the process it runs in, or on the caller's RNG. The decoded sample
+handed to `process` carries its epoch ("epoch"), for choices made per (sample, epoch).
 
 A bad sample (`SampleError`) is skipped and counted, never a crash. With `with_meta=True` every item
 comes as `(item, meta)`, meta = {"worker", "cursor" (after this item), "skips" (records of the
@@ -113,7 +114,9 @@ class ShardStream(IterableDataset):
         cpu.manual_seed(seed)
         random.seed(seed)
         try:
-            return self.process(decode_sample(raw))
+            sample = decode_sample(raw)
+            sample["epoch"] = epoch  # what per-epoch choices (an image's view) derive from
+            return self.process(sample)
         finally:
             cpu.set_state(torch_state)
             random.setstate(py_state)

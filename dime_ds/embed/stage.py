@@ -1,7 +1,8 @@
 """Embed stage core: the teacher encodes every sample of a set of shards, one fp16 embedding shard
 per input shard (the format of dime_ds.data.embeddings, also the distill engine's teacher cache).
-Unaugmented images at the teacher's preprocessing; a bad sample is skipped and listed in the
-manifest.
+Unaugmented images at the teacher's preprocessing, or with embed.views=K > 1 the K views of each
+image that dime_ds.data.views draws from (embed.seed, key, view), each embedded and stored with its
+crop/flip parameters; a bad sample is skipped and listed in the manifest.
 
 Multi-rank and resumable. Input shards are listed in sorted order; shard i is embedded by rank
 i % world_size into `shard-{i:06d}` (the same name whatever the world size). Beside its `.npy` and
@@ -24,6 +25,7 @@ from tqdm import tqdm
 from dime_ds.data.embeddings import MANIFEST, atomic_write, write_embedding_shard, write_manifest
 from dime_ds.data.pipelines import SampleError, decode_sample, image_transform, iter_tar_samples
 from dime_ds.data.shards import sha256_file
+from dime_ds.data.views import ViewRecipe, apply_view
 from dime_ds.distributed.stage import StageContext, agreed, on_main, stage
 from dime_ds.models import Teacher
 
@@ -59,17 +61,25 @@ def _files_ok(out_dir: Path, name: str, count: int) -> bool:
         return False
 
 
+def views_record(views: ViewRecipe | None) -> dict | None:
+    """What a sidecar and the manifest record of the views: K, the recipe, the seed (None: plain)."""
+    return None if views is None else {"views": views.views, "recipe": views.recipe(), "view_seed": views.seed}
+
+
 def finished_record(out_dir: str | Path, name: str, url: str, checksum: str, modality: str,
-                    model_name: str) -> dict | None:
-    """The sidecar record of shard `name` if it is finished from this very source and model, else None."""
+                    model_name: str, views: ViewRecipe | None = None) -> dict | None:
+    """The sidecar record of shard `name` if it is finished from this very source, model and views,
+    else None."""
     out_dir = Path(out_dir)
     try:
         record = json.loads(_record_path(out_dir, name).read_text(encoding="utf-8"))
     except (FileNotFoundError, ValueError):
         return None
     shard = record.get("shard") or {}
-    if (record.get("modality"), record.get("model"), shard.get("name"), shard.get("source_sha256")) \
-            != (modality, str(model_name), name, checksum) or not _files_ok(out_dir, name, int(shard.get("count", -1))):
+    if (record.get("modality"), record.get("model"), shard.get("name"), shard.get("source_sha256"), record.get("views")) \
+            != (modality, str(model_name), name, checksum, views_record(views)) \
+            or not _files_ok(out_dir, name, int(shard.get("count", -1))) \
+            or (views is not None and not (out_dir / f"{name}.views.npy").is_file()):
         return None
     if shard.get("source") != str(url):  # the same bytes, moved: keep the embeddings, name the new place
         shard = dict(shard, source=str(url))
@@ -79,14 +89,17 @@ def finished_record(out_dir: str | Path, name: str, url: str, checksum: str, mod
 
 
 def embed_shard(teacher: Teacher, url: str, out_dir: str | Path, name: str, modality: str, model_name: str,
-                batch_size: int = 256, transform=None) -> tuple[dict, bool]:
+                batch_size: int = 256, transform=None, views: ViewRecipe | None = None) -> tuple[dict, bool]:
     """Embed one input shard into `out_dir/name.*` unless it is already finished. Returns (its sidecar
-    record, whether it was computed now)."""
+    record, whether it was computed now). `views`: K views per image (images only); `batch_size`
+    then counts views."""
     if modality not in MODALITIES:
         raise ValueError(f"modality must be images or texts, not {modality!r}")
+    if views is not None and modality != "images":
+        raise ValueError("views are of images only")
     out_dir = Path(out_dir)
     checksum = sha256_file(url)
-    done = finished_record(out_dir, name, url, checksum, modality, model_name)
+    done = finished_record(out_dir, name, url, checksum, modality, model_name, views)
     if done is not None:
         return done, False
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -95,31 +108,39 @@ def embed_shard(teacher: Teacher, url: str, out_dir: str | Path, name: str, moda
     _record_path(out_dir, name).unlink(missing_ok=True)
     if transform is None and modality == "images":
         transform = image_transform(teacher.preprocess_cfg, train=False)
-    keys, chunks, batch, skipped = [], [], [], []
+    per_item = views.views if views is not None else 1  # teacher inputs per sample
+    keys, chunks, batch, skipped, params = [], [], [], [], []
     for raw in iter_tar_samples([url]):
         try:
             sample = decode_sample(raw)
-            item = transform(sample["image"]) if modality == "images" else sample["text"]
+            if views is not None:  # the K views' parameters, and their inputs at the teacher's preprocessing
+                params.append(views.params(sample["key"], *sample["image"].size))
+                item = torch.stack([apply_view(sample["image"], p, teacher.preprocess_cfg) for p in params[-1]])
+            else:
+                item = transform(sample["image"]) if modality == "images" else sample["text"]
         except (SampleError, KeyError) as err:
             skipped.append({"key": raw.get("__key__"), "source": str(url), "reason": str(err)})
             continue
         keys.append(sample["key"])
         batch.append(item)
-        if len(batch) == batch_size:
+        if len(batch) * per_item >= batch_size:
             chunks.append(_encode(teacher, modality, batch))
             batch = []
     if batch:
         chunks.append(_encode(teacher, modality, batch))
     if not keys:
         raise RuntimeError(f"{url}: no {modality[:-1]} could be decoded")
-    shard = write_embedding_shard(out_dir, name, keys, np.concatenate(chunks), url, checksum)
-    record = {"modality": modality, "model": str(model_name), "shard": shard, "skipped": skipped}
+    shard = write_embedding_shard(out_dir, name, keys, np.concatenate(chunks), url, checksum,
+                                  np.stack(params) if views is not None else None)
+    record = {"modality": modality, "model": str(model_name), "shard": shard, "skipped": skipped,
+              "views": views_record(views)}
     _write_json_atomic(_record_path(out_dir, name), record)  # last: the shard is finished
     return record, True
 
 
 def _embed_rank_shards(teacher: Teacher, urls: Sequence[str], out_dir: Path, modality: str, model_name: str,
-                       batch_size: int, rank: int, world: int, progress: bool) -> dict:
+                       batch_size: int, rank: int, world: int, progress: bool,
+                       views: ViewRecipe | None = None) -> dict:
     """Embed the input shards i with i % world == rank; returns counts for the log."""
     mine = [i for i in range(len(urls)) if i % world == rank]
     transform = image_transform(teacher.preprocess_cfg, train=False) if modality == "images" else None
@@ -128,7 +149,7 @@ def _embed_rank_shards(teacher: Teacher, urls: Sequence[str], out_dir: Path, mod
                unit="shard")
     for i in bar:
         record, computed = embed_shard(teacher, urls[i], out_dir, shard_name(i), modality, model_name, batch_size,
-                                       transform)
+                                       transform, views)
         stats["computed"] += computed
         stats["samples"] += record["shard"]["count"]
         bar.set_postfix(samples=stats["samples"], refresh=False)
@@ -136,7 +157,8 @@ def _embed_rank_shards(teacher: Teacher, urls: Sequence[str], out_dir: Path, mod
     return stats
 
 
-def _write_stage_manifest(urls: Sequence[str], out_dir: Path, modality: str, model_name: str) -> dict:
+def _write_stage_manifest(urls: Sequence[str], out_dir: Path, modality: str, model_name: str,
+                          views: ViewRecipe | None = None) -> dict:
     """Gather the sidecars of every input shard, in shard order, into manifest.json (rank 0)."""
     records, skipped = [], []
     for i, url in enumerate(urls):
@@ -146,28 +168,35 @@ def _write_stage_manifest(urls: Sequence[str], out_dir: Path, modality: str, mod
         except (FileNotFoundError, ValueError) as err:
             raise RuntimeError(f"embedding cache {out_dir}: shard {shard_name(i)} of {url} has no valid "
                                f"{path.name} after every rank finished ({err})") from None
-        if record["shard"]["source"] != str(url) or record["model"] != str(model_name):
+        if record["shard"]["source"] != str(url) or record["model"] != str(model_name) \
+                or record.get("views") != views_record(views):
             raise RuntimeError(f"embedding cache {out_dir}: {path.name} describes {record['shard']['source']} "
-                               f"({record['model']}), expected {url} ({model_name})")
+                               f"({record['model']}, views {record.get('views')}), expected {url} ({model_name}, "
+                               f"views {views_record(views)})")
         records.append(record["shard"])
         skipped += record.get("skipped", [])
-    return write_manifest(out_dir, modality=modality, model=model_name, shards=records, skipped=skipped)
+    return write_manifest(out_dir, modality=modality, model=model_name, shards=records, skipped=skipped,
+                          **(views_record(views) or {}))
 
 
 def embed_shards(teacher: Teacher, urls: Sequence[str], out_dir: str | Path, modality: str,
-                 model_name: str, batch_size: int = 256, progress: bool = True) -> dict:
+                 model_name: str, batch_size: int = 256, progress: bool = True,
+                 views: ViewRecipe | None = None) -> dict:
     """Embed `urls` (images or texts) into `out_dir` in this one process (finished shards are skipped);
     returns the manifest written."""
     if modality not in MODALITIES:
         raise ValueError(f"modality must be images or texts, not {modality!r}")
     out_dir = Path(out_dir)
-    _embed_rank_shards(teacher, list(urls), out_dir, modality, model_name, batch_size, 0, 1, progress)
-    return _write_stage_manifest(list(urls), out_dir, modality, model_name)
+    _embed_rank_shards(teacher, list(urls), out_dir, modality, model_name, batch_size, 0, 1, progress, views)
+    return _write_stage_manifest(list(urls), out_dir, modality, model_name, views)
 
 
 @torch.no_grad()
 def _encode(teacher: Teacher, modality: str, batch: list) -> np.ndarray:
     if modality == "images":
+        if batch[0].ndim == 4:  # [K, 3, H, W] per image: K views, one forward for all
+            out = teacher.encode_image(torch.cat(batch)).cpu().numpy()
+            return out.reshape(len(batch), batch[0].shape[0], -1)
         return teacher.encode_image(torch.stack(batch)).cpu().numpy()
     return teacher.encode_text(teacher.tokenizer(batch)).cpu().numpy()
 
@@ -178,7 +207,7 @@ def teacher_name(teacher_cfg: TeacherConfig) -> str:
 
 
 def _embed_modality(ctx: StageContext, teacher: Teacher, model: str, spec: str, modality: str,
-                    match_cfg: MatchConfig, progress: bool) -> dict:
+                    match_cfg: MatchConfig, progress: bool, views: ViewRecipe | None = None) -> dict:
     """One modality on every rank: each rank its shards, then (once all agree they succeeded) rank 0
     the manifest, which every rank returns."""
     from dime_ds.data.shards import list_shards
@@ -189,10 +218,10 @@ def _embed_modality(ctx: StageContext, teacher: Teacher, model: str, spec: str, 
         log.info("embedding %d %s shard(s) of %s into %s on %d rank(s)", len(urls), modality, spec, out_dir,
                  ctx.world_size)
     stats = agreed(_embed_rank_shards, teacher, urls, out_dir, modality, model, match_cfg.batch_size, ctx.rank,
-                   ctx.world_size, progress, what=f"embedding {modality}")
+                   ctx.world_size, progress, views, what=f"embedding {modality}")
     log.info("rank %d: %s: %d shard(s), %d computed, %d skipped as finished, %d embeddings", ctx.rank, modality,
              stats["shards"], stats["computed"], stats["shards"] - stats["computed"], stats["samples"])
-    manifest = on_main(_write_stage_manifest, urls, out_dir, modality, model,
+    manifest = on_main(_write_stage_manifest, urls, out_dir, modality, model, views,
                        what=f"writing the {modality} manifest")
     if ctx.is_main:
         log.info("%s: %d embeddings, %d skipped", modality, manifest["count"], len(manifest["skipped"]))
@@ -202,7 +231,8 @@ def _embed_modality(ctx: StageContext, teacher: Teacher, model: str, spec: str, 
 def run_embed_stage(cfg: RootConfig) -> dict:
     """`python -m dime_ds.match stage=embed`: the configured teacher embeds data.images and data.corpus
     (data.texts when null; with curate.enabled the curated pool <curate.out_dir>/corpus) into
-    `<match.embed_dir>/images` and `/texts`, on every rank of the job (a
+    `<match.embed_dir>/images` and `/texts` (embed.views=K > 1: K views per image, see
+    dime_ds.data.views), on every rank of the job (a
     process group is made when the world has several ranks and none exists). Each rank embeds input
     shards i % world == rank; finished shards from unchanged sources are skipped; rank 0 writes each
     manifest once all ranks are done. A failure on any rank is raised on every rank. Returns
@@ -214,5 +244,7 @@ def run_embed_stage(cfg: RootConfig) -> dict:
         texts = agreed(text_pool, cfg, what="finding the sentence pool")  # the pool the match stage grounds
         teacher = agreed(load_teacher, cfg.teacher, ctx.device, what="loading the teacher")
         model = teacher_name(cfg.teacher)
-        return {modality: _embed_modality(ctx, teacher, model, spec, modality, cfg.match, bool(cfg.log.progress))
+        views = ViewRecipe.from_config(cfg)
+        return {modality: _embed_modality(ctx, teacher, model, spec, modality, cfg.match, bool(cfg.log.progress),
+                                          views if modality == "images" else None)
                 for modality, spec in (("images", cfg.data.images), ("texts", texts))}

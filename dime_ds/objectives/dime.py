@@ -7,9 +7,10 @@ import torch
 import torch.nn.functional as F
 
 from dime_ds.config.schema import DataConfig, LossConfig, RootConfig, TeacherConfig
-from dime_ds.data.loaders import BatchStream, image_batches, text_batches
+from dime_ds.data.loaders import BatchStream, image_batches, text_batches, view_batches
 from dime_ds.data.pipelines import image_transform, preprocess_size
 from dime_ds.data.shards import list_shards
+from dime_ds.data.views import ViewRecipe, ViewSampler
 from dime_ds.eval.features import Encoder
 from dime_ds.losses.dime import dime_loss
 from dime_ds.models import PRECISIONS, Student, student_preprocess_cfg, student_tokenizer
@@ -31,10 +32,13 @@ def repreprocess(images: torch.Tensor, src: dict, dst: dict) -> torch.Tensor:
 class DimeObjective(Objective):
     name = "dime"
 
-    def __init__(self, teacher_cfg: TeacherConfig, data_cfg: DataConfig, loss_cfg: LossConfig, ctx: RunContext):
+    def __init__(self, teacher_cfg: TeacherConfig, data_cfg: DataConfig, loss_cfg: LossConfig, ctx: RunContext,
+                 views: ViewRecipe | None = None, view_choice: str = "random"):
         self.data_cfg, self.loss_cfg, self.ctx = data_cfg, loss_cfg, ctx
+        # K fixed views per image (embed.views > 1): the images show them, live or cached teacher alike
+        self.views, self.view_choice = views, view_choice
         self.teacher = TeacherSource(teacher_cfg, ctx.device, ctx.micro_batch, augmented=data_cfg.augment,
-                                     zero3_wrap=ctx.zero3_wrap)
+                                     zero3_wrap=ctx.zero3_wrap, views=views)
         self.target_dim = self.teacher.embed_dim
         self.images: BatchStream | None = None
         self.texts: BatchStream | None = None
@@ -44,7 +48,7 @@ class DimeObjective(Objective):
 
     @classmethod
     def from_config(cls, cfg: RootConfig, ctx: RunContext) -> "DimeObjective":
-        return cls(cfg.teacher, cfg.data, cfg.loss, ctx)
+        return cls(cfg.teacher, cfg.data, cfg.loss, ctx, ViewRecipe.from_config(cfg), cfg.embed.choice)
 
     # ------------------------------------------------------------------ streams
     def start(self, student: Student, state: dict | None) -> None:
@@ -53,9 +57,16 @@ class DimeObjective(Objective):
         self.student_tokenize = student_tokenizer(student) if student.has_text else None
         common = dict(seed=ctx.seed, rank=ctx.world.rank, world=ctx.world.world_size, workers=data.workers,
                       shuffle_buffer=data.shuffle_buffer)
-        transform = image_transform(self._stream_preprocess(), train=data.augment, crop_scale_min=data.crop_scale_min)
-        self.images = image_batches(list_shards(data.images), transform, ctx.micro_batch,
-                                    start=state.get("images"), **common)
+        if self.views is not None:  # a cache's views come with their parameters; a live teacher's are drawn
+            sampler = ViewSampler(self.views, self._stream_preprocess(), seed=ctx.seed, choice=self.view_choice,
+                                  augment=data.augment, cache=None if self.teacher.live else self.teacher.images)
+            self.images = view_batches(list_shards(data.images), sampler, ctx.micro_batch,
+                                       start=state.get("images"), **common)
+        else:
+            transform = image_transform(self._stream_preprocess(), train=data.augment,
+                                        crop_scale_min=data.crop_scale_min)
+            self.images = image_batches(list_shards(data.images), transform, ctx.micro_batch,
+                                        start=state.get("images"), **common)
         tokenize = self.teacher.tokenizer or self.student_tokenize  # None: keys are all the cache needs
         self.texts = text_batches(list_shards(data.texts), tokenize, ctx.micro_batch, start=state.get("texts"), **common)
 
@@ -82,7 +93,8 @@ class DimeObjective(Objective):
     # ------------------------------------------------------------------ step
     def targets(self, batch: dict) -> dict:
         images, texts = batch["images"], batch["texts"]
-        t_img, t_txt = self.teacher.embed(images["images"], texts.get("tokens"), images["keys"], texts["keys"])
+        t_img, t_txt = self.teacher.embed(images["images"], texts.get("tokens"), images["keys"], texts["keys"],
+                                          image_views=images.get("views"))
         return {"image": t_img, "text": t_txt}
 
     def student_features(self, student: StudentForward, batch: dict) -> dict:

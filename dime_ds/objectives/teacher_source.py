@@ -3,7 +3,8 @@
 - zero3: the same teacher wrapped by a ZeRO-3 engine with no optimizer, parameters partitioned
   across ranks and gathered per module forward (teachers too big to replicate); the engine package
   builds that wrapper (it alone imports deepspeed) and hands it in;
-- cache: embeddings the embed stage wrote, looked up by sample key; no teacher forward at all."""
+- cache: embeddings the embed stage wrote, looked up by sample key (and, in a K-view cache, by the
+  view the image stream showed); no teacher forward at all."""
 from __future__ import annotations
 
 import logging
@@ -14,6 +15,7 @@ from torch import nn
 
 from dime_ds.config.schema import TeacherConfig
 from dime_ds.data.embeddings import EmbeddingCache
+from dime_ds.data.views import ViewRecipe, check_cache_views
 from dime_ds.models import PRECISIONS, Teacher, load_teacher, precision_for
 from dime_ds.models.precision import Precision, lift_scalar_parameters
 
@@ -37,7 +39,7 @@ Zero3Wrap = Callable[[nn.Module, Precision, int], Any]
 
 class TeacherSource:
     def __init__(self, teacher_cfg: TeacherConfig, device: torch.device, micro_batch: int, *,
-                 augmented: bool = False, zero3_wrap: Zero3Wrap | None = None):
+                 augmented: bool = False, zero3_wrap: Zero3Wrap | None = None, views: ViewRecipe | None = None):
         self.mode = "cache" if teacher_cfg.source == "cache" else teacher_cfg.shard
         self.device = device
         self.teacher: Teacher | None = None  # the live model (replicate, zero3); None for a cache
@@ -49,9 +51,11 @@ class TeacherSource:
                 raise ValueError(f"teacher cache {teacher_cfg.cache_dir}: image dim {self.images.dim} "
                                  f"!= text dim {self.texts.dim}")
             self.embed_dim = self.images.dim
-            if augmented:
+            check_cache_views(self.images, views)
+            if augmented and self.images.views == 1:
                 log.warning("teacher.source=cache with data.augment=true: cached teacher embeddings are of "
-                            "unaugmented images while the student sees augmented ones")
+                            "unaugmented images while the student sees augmented ones (embed.views=K caches "
+                            "augmented views)")
             return
         if self.mode == "zero3":
             if zero3_wrap is None:
@@ -84,11 +88,13 @@ class TeacherSource:
 
     @torch.no_grad()
     def embed(self, images: torch.Tensor | None, tokens: torch.Tensor | None,
-              image_keys: Sequence[str] = (), text_keys: Sequence[str] = ()):
+              image_keys: Sequence[str] = (), text_keys: Sequence[str] = (), image_views=None):
         """(teacher image embeddings, teacher text embeddings), fp32 raw, on the compute device.
-        A cached teacher looks samples up by key (tokens are not needed then)."""
+        A cached teacher looks samples up by key (tokens are not needed then), images of a K-view
+        cache by (key, the view the stream showed: `image_views`)."""
         if self.mode == "cache":
-            return (self.images.lookup(list(image_keys)).to(self.device) if len(image_keys) else None,
+            views = None if image_views is None else torch.as_tensor(image_views).cpu().numpy()
+            return (self.images.lookup(list(image_keys), views).to(self.device) if len(image_keys) else None,
                     self.texts.lookup(list(text_keys)).to(self.device) if len(text_keys) else None)
         if self.mode == "zero3":
             img, txt = self._engine(images.to(self.device, self.precision.dtype) if images is not None else None,

@@ -157,7 +157,7 @@ def test_fields_drop_unused_members_before_decoding(tmp_path):
     stream = ShardStream(urls, lambda s: (s["key"], sorted(s)), fields=("jpg",), shuffle_buffer=1)
     got = _take(stream, 6)
     assert [k for k, _ in got] == [f"s{i}" for i in range(6)] and stream.skipped == 0
-    assert got[0][1] == ["image", "key", "url"]
+    assert got[0][1] == ["epoch", "image", "key", "url"]  # the epoch: for per-epoch choices (views)
 
 
 def test_decode_error_names_the_sample():
