@@ -222,3 +222,21 @@ def test_embed_stage_recomputes_a_shard_of_other_views(view_cache, tmp_path, tin
     assert finished_record(tmp_path, "shard-000000", url, sha256_file(url), "images", "tiny", recipe) is not None
     for other in (None, ViewRecipe(K, 0.2), ViewRecipe(K + 1, recipe.scale_min)):
         assert finished_record(tmp_path, "shard-000000", url, sha256_file(url), "images", "tiny", other) is None
+
+
+def test_the_teacher_saw_exactly_the_stored_views(view_cache, tmp_path, tiny_world, monkeypatch):
+    from dime_ds.embed.stage import embed_shard
+
+    _, teacher, recipe, _ = view_cache
+    seen = []
+    encode = teacher.encode_image
+    monkeypatch.setattr(teacher, "encode_image", lambda x: (seen.append(x.clone()), encode(x))[1])
+    url = list_shards(str(tiny_world / "images"))[1]
+    embed_shard(teacher, url, tmp_path, "shard-000001", "images", "tiny", 12, views=recipe)
+    inputs = torch.cat(seen)  # every view of every image, in row order
+    cache_params = np.load(tmp_path / "shard-000001.views.npy", allow_pickle=False)
+    keys = (tmp_path / "shard-000001.keys.txt").read_text().splitlines()
+    originals = _originals(tiny_world)
+    want = torch.stack([apply_view(originals[k], p, teacher.preprocess_cfg) for k, ps in zip(keys, cache_params)
+                        for p in ps])
+    assert inputs.shape == (len(keys) * K, 3, 32, 32) and torch.equal(inputs, want)
