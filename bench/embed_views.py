@@ -36,7 +36,7 @@ def main() -> int:
     parser.add_argument("--views", type=int, nargs="+", default=[1, 4, 10])
     parser.add_argument("--batch", type=int, default=128, help="teacher inputs (views) per forward")
     parser.add_argument("--epochs", type=float, default=10.0,
-                        help="passes over the 40M images (configs/experiment/vitb32_from_vitl14: 100k steps x 4096 = 10.2)")
+                        help="passes over the 40M images (vitb32_from_vitl14: 100k steps x 4096 = 10.2)")
     parser.add_argument("--teacher-cost", type=float, default=7.0,
                         help="teacher forward per sample, in student forward+backward passes (ViT-L/14 vs ViT-B/32)")
     parser.add_argument("--runs", type=int, default=3, help="distillation runs sharing one cache (sweeps, students)")

@@ -76,8 +76,9 @@ def finished_record(out_dir: str | Path, name: str, url: str, checksum: str, mod
     except (FileNotFoundError, ValueError):
         return None
     shard = record.get("shard") or {}
-    if (record.get("modality"), record.get("model"), shard.get("name"), shard.get("source_sha256"), record.get("views")) \
-            != (modality, str(model_name), name, checksum, views_record(views)) \
+    made = (record.get("modality"), record.get("model"), shard.get("name"), shard.get("source_sha256"),
+            record.get("views"))
+    if made != (modality, str(model_name), name, checksum, views_record(views)) \
             or not _files_ok(out_dir, name, int(shard.get("count", -1))) \
             or (views is not None and not (out_dir / f"{name}.views.npy").is_file()):
         return None
