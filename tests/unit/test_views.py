@@ -240,3 +240,62 @@ def test_the_teacher_saw_exactly_the_stored_views(view_cache, tmp_path, tiny_wor
     want = torch.stack([apply_view(originals[k], p, teacher.preprocess_cfg) for k, ps in zip(keys, cache_params)
                         for p in ps])
     assert inputs.shape == (len(keys) * K, 3, 32, 32) and torch.equal(inputs, want)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_resumed_objective_shows_the_same_views_and_targets(view_cache, tmp_path, tiny_world, tiny_teacher_dir,
+                                                            workers):
+    """The DIME objective over a K-view cache (2 loader processes included): the student's inputs are
+    the recorded views at its own preprocessing, the targets those views' embeddings, and a resumed
+    objective continues with the batches and targets of the uninterrupted one."""
+    from dime_ds.distributed.env import WorldInfo
+    from dime_ds.models import PRECISIONS, build_student, student_preprocess_cfg
+    from dime_ds.objectives.base import RunContext
+    from dime_ds.objectives.dime import DimeObjective
+
+    cache = view_cache[0]
+    (tmp_path / "images").symlink_to(cache.directory)
+    from dime_ds.embed.stage import embed_shards
+
+    cfg = load_config(engine_overrides(tmp_path, tiny_world, tiny_teacher_dir, f"embed.views={K}",
+                                       "teacher.source=cache", f"teacher.cache_dir={tmp_path}",
+                                       f"data.workers={workers}", "embed.choice=round_robin"))
+    embed_shards(view_cache[1], list_shards(cfg.data.texts), tmp_path / "texts", "texts", "tiny", progress=False)
+    world = WorldInfo(0, 0, 1, 1, "127.0.0.1", 0, "single")
+    ctx = RunContext(world, torch.device("cpu"), 8, PRECISIONS["fp32"], seed=cfg.seed)
+    student = build_student(cfg.student, cache.dim)
+    pp = student_preprocess_cfg(student.model_cfg)
+    originals = _originals(tiny_world)
+
+    def steps(objective, n):
+        out = []
+        for _ in range(n):
+            batch = objective.next_batch()
+            out.append((batch, objective.targets(batch)))
+        return out
+
+    full = DimeObjective.from_config(cfg, ctx)
+    full.start(student, None)
+    run = steps(full, 10)  # more than an epoch of 64 images: round robin moves every image to its next view
+    for batch, targets in run:
+        keys, views = batch["images"]["keys"], batch["images"]["views"].tolist()
+        params = cache.view_params(keys, views)
+        want = torch.stack([apply_view(originals[k], p, pp) for k, p in zip(keys, params)])
+        assert torch.equal(batch["student"]["images"], want)
+        assert torch.equal(targets["image"], cache.lookup(keys, views))
+    first_epoch = {k: v for b, _ in run[:8] for k, v in zip(b["images"]["keys"], b["images"]["views"].tolist())}
+    second = [(k, v) for b, _ in run[8:] for k, v in zip(b["images"]["keys"], b["images"]["views"].tolist())]
+    assert all(v == (first_epoch[k] + 1) % K for k, v in second)
+
+    part = DimeObjective.from_config(cfg, ctx)
+    part.start(student, None)
+    steps(part, 6)
+    resumed = DimeObjective.from_config(cfg, ctx)
+    resumed.start(student, json.loads(json.dumps(part.state_dict())))
+    for (want_b, want_t), (got_b, got_t) in zip(run[6:], steps(resumed, 4)):
+        assert got_b["images"]["keys"] == want_b["images"]["keys"]
+        assert torch.equal(got_b["student"]["images"], want_b["student"]["images"])
+        assert torch.equal(got_t["image"], want_t["image"]) and torch.equal(got_t["text"], want_t["text"])
+    for objective in (full, part, resumed):
+        objective.images.close()
+        objective.texts.close()
