@@ -101,13 +101,15 @@ def assert_grads_close(got: dict, want: dict, rtol: float = 1e-5) -> None:
         torch.testing.assert_close(got[name], g, rtol=rtol, atol=rtol * g.abs().max().item(), msg=name)
 
 
-def single_process_context(seed: int = 0):
-    """The RunContext of one CPU process in fp32."""
+def cpu_context(seed: int = 0):
+    """The RunContext of this CPU process in fp32: rank and world size of the process group, if any."""
+    from dime_ds.distributed import collectives as C
     from dime_ds.distributed.env import WorldInfo
     from dime_ds.models import PRECISIONS
     from dime_ds.objectives import RunContext
 
-    return RunContext(WorldInfo(0, 0, 1, 1, "127.0.0.1", 0, "single"), CPU, 4, PRECISIONS["fp32"], seed)
+    world = WorldInfo(C.rank(), C.rank(), C.world_size(), C.world_size(), "127.0.0.1", 0, "single")
+    return RunContext(world, CPU, 4, PRECISIONS["fp32"], seed)
 
 
 class TensorCid(TensorDime):
@@ -119,7 +121,7 @@ class TensorCid(TensorDime):
         from dime_ds.objectives.cid import CidTerms
 
         self.loss_cfg, self.own_text, self._last = loss_cfg, own_text, None
-        self.cid = CidTerms(loss_cfg, ClusterConfig(out_dir=str(cluster_dir)), DIM, single_process_context()) \
+        self.cid = CidTerms(loss_cfg, ClusterConfig(out_dir=str(cluster_dir)), DIM, cpu_context()) \
             if loss_cfg.w_cluster > 0 or loss_cfg.w_instance > 0 else None
 
     def targets(self, batch: dict) -> dict:

@@ -2,7 +2,8 @@
 and every centre scored, the loss and the gradients (after the engine's average over ranks) w.r.t. the
 student's parameters and the learnable centres equal one process holding every centre and the whole
 global batch (functional.py); with a sample rate < 1 every rank scores the same centres, all
-positives among them, and the loss is the one-process loss over that set."""
+positives among them, and the loss is the one-process loss over that set. Through the DIME-FM
+objective with two-pass accumulation (2 micro-batches per rank) the same holds."""
 from __future__ import annotations
 
 import pytest
@@ -107,3 +108,39 @@ def test_sampled_centres_are_the_same_on_every_rank_and_hold_every_positive():
         # Unsampled centres get no gradient, as in the reference (which indexes the centres `ids`).
         torch.testing.assert_close(r["grads"]["centres"], want_grads["centres"], rtol=1e-4, atol=1e-6)
         assert set(r["grads"]["centres"].abs().sum(dim=1).nonzero().flatten().tolist()) <= set(ids.tolist())
+
+
+def _accumulated_rank(rank: int, world_size: int, cluster_dir, cfg, batch: dict):
+    from dime_ds.distributed import collectives as C
+    from dime_ds.losses.dime import reduce_for_logging
+    from tests.accumulate_fixtures import TensorCid, TinyStudent, accumulated_step, grads, split
+
+    objective, student = TensorCid(cfg, cluster_dir), TinyStudent()
+    losses = accumulated_step(objective, student, split(split(batch, world_size)[rank], 2))
+    averaged = {n: C.all_reduce_mean(g) for n, g in grads(student).items()}  # what the engine does
+    averaged["centres"] = C.all_reduce_mean(objective.trainable_module().centres.grad)
+    return reduce_for_logging(losses), averaged
+
+
+def test_accumulated_cid_objective_on_two_ranks_equals_one_process(tmp_path):
+    import numpy as np
+
+    from dime_ds.config.schema import LossConfig
+    from dime_ds.curate.pseudo_labels import write_pseudo_labels
+    from tests.accumulate_fixtures import (DIM as T_DIM, TensorCid, TinyStudent, assert_grads_close, global_batch,
+                                          grads, plain_step)
+
+    n, k = 16, 9
+    g = np.random.default_rng(1)
+    keys = [f"img{i:02d}" for i in range(n)]
+    write_pseudo_labels(tmp_path, keys[:-3], g.integers(0, k, n - 3), g.standard_normal((k, T_DIM)).astype(np.float32))
+    cfg = LossConfig(w_ud=0.3, w_cluster=0.5, w_instance=0.5, learn_centres=True)
+    batch = {**global_batch(n, seed=2), "keys": keys}
+    objective, reference = TensorCid(cfg, tmp_path), TinyStudent()
+    want = plain_step(objective, reference, batch)
+    want_grads = {**grads(reference), "centres": objective.trainable_module().centres.grad}
+    for logged, averaged in run_ranks(_accumulated_rank, WORLD, tmp_path, cfg, batch):
+        assert logged.keys() == want.keys() and "cluster" in logged
+        for key, value in want.items():
+            assert logged[key] == pytest.approx(value.item(), rel=1e-5, abs=1e-6), key
+        assert_grads_close(averaged, want_grads)
