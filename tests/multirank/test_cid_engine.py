@@ -1,8 +1,9 @@
 """CLIP-CID's learnable centres through the real Trainer on 2 gloo ranks: trained by the engine's
 optimizer, saved in the checkpoint (not in the student's weights), and resumed exactly: a run
 stopped at step 2 and resumed to step 4 ends with the student weights and centres of an uninterrupted
-4-step run. Negative sampling is on (rate 0.5), so the resumed step counter matters too. ZeRO-3
-refuses learnable centres with a ConfigError."""
+4-step run. Negative sampling is on (rate 0.5), so the resumed step counter matters too. Two-pass
+accumulation (grad_accum=2) ends where grad_accum=1 does, centres included. ZeRO-3 refuses learnable
+centres with a ConfigError."""
 from __future__ import annotations
 
 import tarfile
@@ -16,6 +17,7 @@ from safetensors.torch import load_file
 from dime_ds.config import ConfigError, load_config
 from tests.conftest import engine_overrides
 from tests.multirank.harness import RankError, run_ranks
+from tests.multirank.test_accumulate_engine import _initial_weights
 
 pytestmark = pytest.mark.slow
 TEACHER_DIM, K = 32, 40
@@ -75,6 +77,33 @@ def test_learnable_centres_resume_exactly(tmp_path, tiny_world, tiny_teacher_dir
     for key, value in {**want_student, **{f"objective/{k}": v for k, v in want_objective.items()}}.items():
         got = got_student[key] if not key.startswith("objective/") else got_objective[key.split("/", 1)[1]]
         torch.testing.assert_close(got, value, rtol=1e-5, atol=1e-6, msg=key)
+
+
+@pytest.mark.parametrize("ds_config", ["zero1", "zero2"])
+def test_accumulated_run_ends_with_the_weights_and_centres_of_one_big_micro_batch(ds_config, tmp_path, tiny_world,
+                                                                                  tiny_teacher_dir, cluster_dir):
+    """As tests/multirank/test_accumulate_engine.py, with the CID terms on: per tensor, the runs differ
+    by under 10 % of the tensor's own 3-step update (optim.eps=1: updates proportional to gradients)."""
+    from dime_ds.curate.pseudo_labels import PseudoLabels
+
+    runs = {}
+    for accum in (1, 2):
+        work = tmp_path / f"accum{accum}"
+        overrides = _overrides(work, tiny_world, tiny_teacher_dir, cluster_dir, f"dist.ds_config={ds_config}",
+                               "optim.eps=1.0", f"optim.grad_accum={accum}", "data.augment=false")
+        summaries = run_ranks(_train, 2, overrides, timeout=300)
+        student, objective = _result(work)
+        runs[accum] = (summaries[0]["loss"], {**student, "centres": objective["centres"]})
+    (ref_loss, ref), (loss, got) = runs[1], runs[2]
+    assert loss["loss/cluster"] == pytest.approx(ref_loss["loss/cluster"], rel=1e-2)
+    assert loss["loss/total"] == pytest.approx(ref_loss["loss/total"], rel=1e-2)
+    start = {**_initial_weights(overrides), "centres": torch.from_numpy(PseudoLabels(cluster_dir).centroids)}
+    assert got.keys() == ref.keys() == start.keys()
+    for key in ref:
+        update = (ref[key].float() - start[key].float()).norm().item()
+        assert update > 0, f"{key} must have moved"
+        diff = (got[key].float() - ref[key].float()).norm().item()
+        assert diff <= 0.1 * update, f"{key}: |A=2 - A=1| {diff:.3g}, its update {update:.3g}"
 
 
 def test_zero3_refuses_learnable_centres(tmp_path, tiny_world, tiny_teacher_dir, cluster_dir):
