@@ -1,7 +1,8 @@
 """CLIP-CID's learnable centres through the real Trainer on 2 gloo ranks: trained by the engine's
 optimizer, saved in the checkpoint (not in the student's weights), and resumed exactly: a run
 stopped at step 2 and resumed to step 4 ends with the student weights and centres of an uninterrupted
-4-step run. Negative sampling is on (rate 0.5), so the resumed step counter matters too. Two-pass
+4-step run. Negative sampling is on (rate 0.5), so the resumed step counter matters too. A cached
+teacher gives the live teacher's CID losses (labels by key). Two-pass
 accumulation (grad_accum=2) ends where grad_accum=1 does, centres included. ZeRO-3 refuses learnable
 centres with a ConfigError."""
 from __future__ import annotations
@@ -104,6 +105,20 @@ def test_accumulated_run_ends_with_the_weights_and_centres_of_one_big_micro_batc
         assert update > 0, f"{key} must have moved"
         diff = (got[key].float() - ref[key].float()).norm().item()
         assert diff <= 0.1 * update, f"{key}: |A=2 - A=1| {diff:.3g}, its update {update:.3g}"
+
+
+def test_cached_teacher_gives_the_live_cid_losses(tmp_path, tiny_world, tiny_teacher_dir, cluster_dir):
+    """Labels are looked up by image key: a cached teacher (the embed stage's cache) reads the same
+    pseudo-classes as a live one, so the first step's terms agree (to the cache's fp16 rounding)."""
+    from tests.multirank.test_engine_dist import _write_cache
+
+    common = (tiny_world, tiny_teacher_dir, cluster_dir, "optim.steps=1", "data.augment=false")
+    live = _overrides(tmp_path / "live", *common)
+    _write_cache(load_config(live), tmp_path / "cache")
+    cached = _overrides(tmp_path / "cached", *common, "teacher.source=cache", f"teacher.cache_dir={tmp_path / 'cache'}")
+    want, got = (run_ranks(_train, 2, o, timeout=300)[0]["loss"] for o in (live, cached))
+    for key in ("loss/cluster", "loss/instance", "loss/total"):
+        assert got[key] == pytest.approx(want[key], rel=2e-2), key
 
 
 def test_zero3_refuses_learnable_centres(tmp_path, tiny_world, tiny_teacher_dir, cluster_dir):
