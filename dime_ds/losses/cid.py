@@ -67,12 +67,17 @@ def cluster_loss(s_img: torch.Tensor, centre_slice: torch.Tensor, labels: torch.
     ids = sampled_centres(y, k, sample_rate, seed, step).to(rows.device)
     ids = ids[(ids >= lo) & (ids < hi)]
     cos = rows @ normalize(centre_slice.index_select(0, ids - lo)).t()
-    positive = y[:, None] == ids[None, :]
-    logits = margin_logits(cos, positive, scale=scale, margin=margin)
+    # The rows whose label this rank scores, and the label's column among its sampled ids.
+    if ids.numel():
+        col = torch.searchsorted(ids, y).clamp(max=ids.numel() - 1)
+        own = torch.nonzero((y != UNLABELLED) & (ids[col] == y)).flatten()
+    else:  # nothing of this rank's slice sampled
+        col = own = torch.zeros(0, dtype=torch.long, device=rows.device)
+    logits = margin_logits(cos, own, col[own], scale=scale, margin=margin)
     local_max = logits.max(dim=1).values if ids.numel() else logits.new_full((rows.shape[0],), -math.inf)
     shift = C.all_reduce_max(local_max.detach())
     sum_exp = C.all_reduce_sum_with_grad((logits - shift[:, None]).exp().sum(dim=1))
-    label_logit = C.all_reduce_sum_with_grad((logits * positive).sum(dim=1))
+    label_logit = C.all_reduce_sum_with_grad(logits.new_zeros(rows.shape[0]).index_put((own,), logits[own, col[own]]))
     per_row = sum_exp.log() + shift - label_logit
     labelled = y != UNLABELLED
     return (per_row * labelled).sum() / labelled.sum().clamp(min=1)

@@ -104,11 +104,13 @@ UNLABELLED = -1  # a row without a pseudo-class (dime_ds.curate.pseudo_labels.UN
 COS_EPS = 1e-7  # arccos is clamped inside (-1, 1): its derivative is infinite at the ends
 
 
-def margin_logits(cos: torch.Tensor, positive: torch.Tensor, *, scale: float, margin: float) -> torch.Tensor:
-    """scale * cos, with scale * cos(arccos(cos) + margin) where `positive` (a bool mask of cos's shape)
-    marks a row's own class: the additive angular margin (ArcFace) of cluster discrimination."""
-    theta = torch.acos(cos.clamp(-1.0 + COS_EPS, 1.0 - COS_EPS))
-    return scale * torch.where(positive, torch.cos(theta + margin), cos)
+def margin_logits(cos: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, *, scale: float,
+                  margin: float) -> torch.Tensor:
+    """scale * cos, with scale * cos(arccos(cos) + margin) at the positions (rows[i], cols[i]), each a
+    row's own class: the additive angular margin (ArcFace) of cluster discrimination. The arccos runs
+    on those positions only: the logits may hold 10^9 entries at scale."""
+    theta = torch.acos(cos[rows, cols].clamp(-1.0 + COS_EPS, 1.0 - COS_EPS))
+    return (scale * cos).index_put((rows, cols), scale * torch.cos(theta + margin))
 
 
 def cluster_discrimination(s_img: torch.Tensor, centres: torch.Tensor, labels: torch.Tensor, *, scale: float,
@@ -120,11 +122,11 @@ def cluster_discrimination(s_img: torch.Tensor, centres: torch.Tensor, labels: t
     image the cluster stage never saw) are left out of the mean; with none labelled the loss is 0.
     `scale` and `margin` have no defaults here: LossConfig.cluster_scale / cluster_margin own them."""
     cos = normalize(s_img) @ normalize(centres).t()
-    labelled = labels != UNLABELLED
-    positive = labels[:, None] == torch.arange(centres.shape[0], device=labels.device)[None, :]
-    per_row = F.cross_entropy(margin_logits(cos, positive, scale=scale, margin=margin), labels.clamp(min=0),
-                              reduction="none")
-    return (per_row * labelled).sum() / labelled.sum().clamp(min=1)
+    rows = torch.nonzero(labels != UNLABELLED).flatten()
+    logits = margin_logits(cos, rows, labels[rows], scale=scale, margin=margin)
+    if rows.numel() == 0:
+        return logits.sum() * 0.0
+    return F.cross_entropy(logits[rows], labels[rows])
 
 
 def instance_discrimination_block(s_rows: torch.Tensor, t_cols: torch.Tensor, *, temperature: float,

@@ -40,7 +40,7 @@ def _share(x: torch.Tensor, rank: int) -> torch.Tensor:
     return x[rank * n:(rank + 1) * n]
 
 
-def _rank(rank: int, world_size: int, b: dict, rate: float):
+def _rank(rank: int, world_size: int, b: dict, rate: float, step: int = 11):
     from dime_ds.distributed import collectives as C
     from dime_ds.losses.cid import cluster_loss, instance_loss, sampled_centres, shard_bounds
     from dime_ds.losses.dime import reduce_for_logging
@@ -50,11 +50,11 @@ def _rank(rank: int, world_size: int, b: dict, rate: float):
     lo, hi = shard_bounds(k, rank, world_size)
     labels = _share(b["labels"], rank)
     s_img = model.img(_share(b["x"], rank))
-    cluster = cluster_loss(s_img, model.centres[lo:hi], labels, k=k, sample_rate=rate, seed=3, step=11, **OPTS)
+    cluster = cluster_loss(s_img, model.centres[lo:hi], labels, k=k, sample_rate=rate, seed=3, step=step, **OPTS)
     instance = instance_loss(s_img, _share(b["t"], rank), temperature=0.07)
     (cluster + instance).backward()
     grads = {n: C.all_reduce_mean(p.grad) for n, p in model.named_parameters()}
-    ids = sampled_centres(C.gather_no_grad(labels), k, rate, seed=3, step=11)
+    ids = sampled_centres(C.gather_no_grad(labels), k, rate, seed=3, step=step)
     return {"cluster": cluster.item(), "instance": instance.item(),
             "logged": reduce_for_logging({"cluster": cluster, "instance": instance}), "grads": grads,
             "own_centre_grad": model.centres.grad.abs().sum(dim=1).nonzero().flatten().tolist(),
@@ -92,6 +92,24 @@ def test_sharded_centres_give_the_one_process_loss_and_gradients():
             torch.testing.assert_close(g, want_grads[name], rtol=1e-4, atol=1e-6, msg=name)
     assert ranks[0]["instance"] != pytest.approx(ranks[1]["instance"])
     assert sum(r["instance"] for r in ranks) / WORLD == pytest.approx(want_instance, rel=1e-5)
+
+
+def test_a_rank_with_no_sampled_centre_still_gives_the_one_process_loss():
+    """k=6 on 2 ranks, labels in rank 0's slice only, and a step whose one sampled negative is rank
+    0's too: rank 1 scores no centre and still returns the global loss and gradients."""
+    from dime_ds.losses.cid import sampled_centres
+
+    b = _batch(12, seed=2, k=2)
+    b["centroids"] = torch.randn(6, DIM, generator=torch.Generator().manual_seed(9))
+    step = next(t for t in range(100) if sampled_centres(b["labels"], 6, 0.25, seed=3, step=t).max() < 3)
+    ranks = run_ranks(_rank, WORLD, b, 0.25, step)
+    ids = ranks[0]["ids"]
+    assert ids.max() < 3 and len(ids) == 3
+    want_cluster, _, want_grads = _reference(b, ids)
+    for r in ranks:
+        assert r["cluster"] == pytest.approx(want_cluster, rel=1e-5)
+        for name, g in r["grads"].items():
+            torch.testing.assert_close(g, want_grads[name], rtol=1e-4, atol=1e-6, msg=name)
 
 
 def test_sampled_centres_are_the_same_on_every_rank_and_hold_every_positive():
