@@ -17,10 +17,10 @@ import torch
 from omegaconf import OmegaConf
 from tqdm import tqdm
 
+from dime_ds.config import ConfigError
 from dime_ds.config.schema import RootConfig
 from dime_ds.distributed import collectives as C
 from dime_ds.distributed.env import WorldInfo
-from dime_ds.config import ConfigError
 from dime_ds.engine import accumulate, checkpoint
 from dime_ds.engine.checkpoint import OBJECTIVE_MODULE
 from dime_ds.engine.ds_config import build_ds_config, engine_precision
