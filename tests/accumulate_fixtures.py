@@ -38,7 +38,7 @@ class TensorDime(DimeObjective):
     """DIME-FM's own `losses` on tensor batches {x_img, x_txt, t_img, t_txt} (targets precomputed)."""
 
     def __init__(self, own_text: bool):
-        self.loss_cfg, self.own_text, self._last = LOSS_CFG, own_text, None
+        self.loss_cfg, self.own_text, self._last, self.cid = LOSS_CFG, own_text, None, None
 
     def targets(self, batch: dict) -> dict:
         return {"image": batch["t_img"], "text": batch["t_txt"]}
@@ -99,3 +99,33 @@ def assert_grads_close(got: dict, want: dict, rtol: float = 1e-5) -> None:
     assert got.keys() == want.keys()
     for name, g in want.items():
         torch.testing.assert_close(got[name], g, rtol=rtol, atol=rtol * g.abs().max().item(), msg=name)
+
+
+def cpu_context(seed: int = 0):
+    """The RunContext of this CPU process in fp32: rank and world size of the process group, if any."""
+    from dime_ds.distributed import collectives as C
+    from dime_ds.distributed.env import WorldInfo
+    from dime_ds.models import PRECISIONS
+    from dime_ds.objectives import RunContext
+
+    world = WorldInfo(C.rank(), C.rank(), C.world_size(), C.world_size(), "127.0.0.1", 0, "single")
+    return RunContext(world, CPU, 4, PRECISIONS["fp32"], seed)
+
+
+class TensorCid(TensorDime):
+    """DIME-FM with CLIP-CID's terms, its own CidTerms (pseudo-labels read from `cluster_dir`), on
+    tensor batches that also carry image `keys`."""
+
+    def __init__(self, loss_cfg, cluster_dir, own_text: bool = False):
+        from dime_ds.config.schema import ClusterConfig
+        from dime_ds.objectives.cid import CidTerms
+
+        self.loss_cfg, self.own_text, self._last = loss_cfg, own_text, None
+        self.cid = CidTerms(loss_cfg, ClusterConfig(out_dir=str(cluster_dir)), DIM, cpu_context()) \
+            if loss_cfg.w_cluster > 0 or loss_cfg.w_instance > 0 else None
+
+    def targets(self, batch: dict) -> dict:
+        return {**super().targets(batch), **(self.cid.batch_labels(batch["keys"]) if self.cid else {})}
+
+    def student_features(self, student, batch: dict) -> dict:
+        return {**super().student_features(student, batch), **(self.cid.student_features() if self.cid else {})}

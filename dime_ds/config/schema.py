@@ -68,6 +68,18 @@ class LossConfig:
     t_pvl: float = 3.0
     t_ud: float = 7.0
     scale: float = 100.0  # fixed logit scale of the cosine similarities
+    # CLIP-CID terms beside DIME-FM's (objective dime only): total += w_cluster * cluster + w_instance *
+    # instance. 0 leaves a run exactly DIME-FM. Scale, margin and temperature are the UNICOM/MLCD line's;
+    # CLIP-CID's own values are not public (docs/design.md).
+    w_cluster: float = 0.0  # cluster discrimination over the k-means centres of `cluster.out_dir`
+    w_instance: float = 0.0  # instance discrimination: student images against the teacher's, InfoNCE
+    cluster_scale: float = 32.0
+    cluster_margin: float = 0.3  # additive angular margin on the pseudo-class, radians
+    instance_temperature: float = 0.07
+    # Share of the negative centres scored per step (all positives of the global batch always are):
+    # 1 is the exact softmax; partial FC's 0.1 pays off only at 10^5-10^6 centres.
+    cluster_sample_rate: float = 1.0
+    learn_centres: bool = False  # train the centres (initialised from the teacher's centroids)
 
 
 @dataclass

@@ -31,18 +31,20 @@ CHOICES = {
 EVAL_TASKS = ("zeroshot", "retrieval", "linear_probe")
 
 POSITIVE = (
-    "loss.t_vl", "loss.t_pvl", "loss.t_ud", "loss.scale", "optim.lr", "optim.steps",
+    "loss.t_vl", "loss.t_pvl", "loss.t_ud", "loss.scale", "loss.cluster_scale", "loss.instance_temperature",
+    "loss.cluster_sample_rate", "optim.lr", "optim.steps",
     "optim.global_batch_size", "optim.grad_accum", "optim.eps", "log.every_n_steps",
     "ckpt.keep_last", "match.topk", "match.block_size", "match.batch_size", "eval.batch_size",
     "eval.probe.max_iter", "curate.top_entries",
     "data.synthetic.image_size", "data.synthetic.shard_size", "slurm.nodes", "embed.views",
 )
 NON_NEGATIVE = (
-    "loss.w_vl", "loss.w_pvl", "loss.w_ud", "optim.weight_decay", "optim.warmup_steps",
+    "loss.w_vl", "loss.w_pvl", "loss.w_ud", "loss.w_cluster", "loss.w_instance", "loss.cluster_margin",
+    "optim.weight_decay", "optim.warmup_steps",
     "optim.min_lr", "optim.grad_clip", "ckpt.every_n_steps", "eval.every_n_steps",
     "data.workers", "eval.workers", "slurm.gpus_per_node", "embed.seed",
 )
-FRACTIONS = ("match.stop_ratio", "data.crop_scale_min", "data.synthetic.describing_fraction",
+FRACTIONS = ("match.stop_ratio", "loss.cluster_sample_rate", "data.crop_scale_min", "data.synthetic.describing_fraction",
              "data.synthetic.second_object_p", "eval.probe.val_fraction", "eval.probe.test_fraction")
 
 
@@ -102,6 +104,12 @@ def validate(cfg: DictConfig) -> None:
     if teacher.source == "cache" and teacher.shard == "zero3":
         errors.append("teacher.shard=zero3 contradicts teacher.source=cache: a cached teacher has no "
                       "parameters to partition; use teacher.shard=replicate")
+    if loss.kind != "dime" and (loss.w_cluster > 0 or loss.w_instance > 0):
+        errors.append(f"loss.w_cluster / loss.w_instance are CLIP-CID terms of the DIME-FM objective; "
+                      f"loss.kind={loss.kind} has no teacher to take them from: set them to 0")
+    if loss.learn_centres and not loss.w_cluster > 0:
+        errors.append("loss.learn_centres=true trains the centres of the cluster term, which loss.w_cluster=0 "
+                      "switches off: set loss.w_cluster > 0 or loss.learn_centres=false")
     if loss.kind == "clip" and cfg.student.text != "own":
         errors.append("loss.kind=clip trains image and text towers together: set student.text=own")
     if cfg.student.model_cfg is not None:

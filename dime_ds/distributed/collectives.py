@@ -115,6 +115,42 @@ def gather_with_grad(t: torch.Tensor) -> torch.Tensor:
     return _GatherWithGrad.apply(t)
 
 
+def all_reduce_max(t: torch.Tensor) -> torch.Tensor:
+    """Element-wise max over ranks, out of place, no gradient (a softmax's shift: any value works)."""
+    if not is_distributed() or world_size() == 1:
+        return t.detach().clone()
+    out = t.detach().to(_comm_device(t), copy=True)
+    dist.all_reduce(out, op=dist.ReduceOp.MAX)
+    return out.to(t.device)
+
+
+class _AllReduceSumWithGrad(torch.autograd.Function):
+    """Sum over ranks whose every rank's result depends on every rank's input: the backward sums the
+    result's gradients over ranks and hands the sum to every input (what torch.distributed.nn.all_reduce
+    does, without its deprecation warning)."""
+
+    @staticmethod
+    def forward(ctx, t: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        out = t.detach().to(_comm_device(t), copy=True)
+        dist.all_reduce(out, op=dist.ReduceOp.SUM)
+        ctx.device = t.device
+        return out.to(t.device)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        out = grad.detach().to(_comm_device(grad), copy=True).contiguous()
+        dist.all_reduce(out, op=dist.ReduceOp.SUM)
+        return out.to(ctx.device)
+
+
+def all_reduce_sum_with_grad(t: torch.Tensor) -> torch.Tensor:
+    """Sum over ranks with gradient: d(sum over ranks of every rank's loss)/d(each rank's input)
+    reaches each input, the same contract as gather_with_grad."""
+    if not is_distributed() or world_size() == 1:
+        return t
+    return _AllReduceSumWithGrad.apply(t)
+
+
 def broadcast_object(obj: T, src: int = 0) -> T:
     """Rank `src`'s `obj` on every rank (picklable objects)."""
     if not is_distributed() or world_size() == 1:

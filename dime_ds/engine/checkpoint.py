@@ -21,6 +21,9 @@ from dime_ds.errors import UserError
 
 log = logging.getLogger(__name__)
 TAG = re.compile(r"^step_(\d{8})$")
+# The submodule of the engine's module holding an objective's own parameters (CLIP-CID's learnable
+# centres): saved and resumed with the student, stripped from its consolidated weights.
+OBJECTIVE_MODULE = "objective_params"
 
 
 # What a dime_ds DeepSpeed checkpoint holds besides tensors and builtins: DeepSpeed's plain state

@@ -24,7 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from dime_ds.config.schema import RootConfig
-from dime_ds.engine.checkpoint import TAG, weights_only_reads
+from dime_ds.engine.checkpoint import OBJECTIVE_MODULE, TAG, weights_only_reads
 from dime_ds.engine.param_groups import split_names
 from dime_ds.errors import UserError
 from dime_ds.models import Student, build_run_student
@@ -125,7 +125,20 @@ def step_of(tag: str) -> int | None:
 
 def fp32_state_dict(ckpt_dir: str | Path, tag: str | None = None) -> dict[str, torch.Tensor]:
     """The student's fp32 master weights (Student.state_dict() keys; buffers from the module) from
-    the checkpoint `tag` (default: DeepSpeed's `latest`) of `ckpt_dir`. No process group needed."""
+    the checkpoint `tag` (default: DeepSpeed's `latest`) of `ckpt_dir`. No process group needed.
+    An objective's own parameters (OBJECTIVE_MODULE) are left out: see fp32_objective_state_dict."""
+    prefix = OBJECTIVE_MODULE + "."
+    return {k: v for k, v in _fp32_engine_state(ckpt_dir, tag).items() if not k.startswith(prefix)}
+
+
+def fp32_objective_state_dict(ckpt_dir: str | Path, tag: str | None = None) -> dict[str, torch.Tensor]:
+    """The fp32 masters of the objective's own parameters (CLIP-CID's learnable centres), names
+    without the OBJECTIVE_MODULE prefix; empty when it trained none."""
+    prefix = OBJECTIVE_MODULE + "."
+    return {k[len(prefix):]: v for k, v in _fp32_engine_state(ckpt_dir, tag).items() if k.startswith(prefix)}
+
+
+def _fp32_engine_state(ckpt_dir: str | Path, tag: str | None) -> dict[str, torch.Tensor]:
     ckpt_dir = Path(ckpt_dir)
     tag = tag or _latest(ckpt_dir)
     tag_dir = ckpt_dir / tag

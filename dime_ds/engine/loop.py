@@ -17,10 +17,12 @@ import torch
 from omegaconf import OmegaConf
 from tqdm import tqdm
 
+from dime_ds.config import ConfigError
 from dime_ds.config.schema import RootConfig
 from dime_ds.distributed import collectives as C
 from dime_ds.distributed.env import WorldInfo
 from dime_ds.engine import accumulate, checkpoint
+from dime_ds.engine.checkpoint import OBJECTIVE_MODULE
 from dime_ds.engine.ds_config import build_ds_config, engine_precision
 from dime_ds.engine.param_groups import param_groups
 from dime_ds.engine.schedule import lr_at
@@ -79,6 +81,21 @@ class StepMeter:
         return window
 
 
+def attach_objective_module(student: torch.nn.Module, module: torch.nn.Module | None, ds_config: dict) -> None:
+    """The objective's own trainable parameters become a submodule of the student the engine wraps
+    (optimizer, gradient averaging, checkpoint and resume as for the student's); consolidation strips
+    them from the student's weights. The objective reads them outside the student's forward, where
+    ZeRO-3 leaves a partitioned parameter empty: refused."""
+    if module is None:
+        return
+    stage = int(ds_config.get("zero_optimization", {}).get("stage", 0))
+    if stage == 3:
+        raise ConfigError(f"loss.learn_centres=true with dist.ds_config (ZeRO stage 3): the learnable centres "
+                          "are read outside the student's forward, where ZeRO-3 partitions them away; use "
+                          "ZeRO stage 0-2 (dist.ds_config=zero1|zero2) or loss.learn_centres=false")
+    student.add_module(OBJECTIVE_MODULE, module)
+
+
 class Trainer:
     def __init__(self, cfg: RootConfig, world: WorldInfo, device: torch.device):
         self.cfg, self.world, self.device = cfg, world, device
@@ -90,6 +107,7 @@ class Trainer:
                                                          zero3_wrap=zero3_inference))
         torch.manual_seed(cfg.seed)  # identical initial student on every rank
         student = build_run_student(cfg.student, cfg.teacher, self.objective.target_dim)
+        attach_objective_module(student, self.objective.trainable_module(), ds_config)
         self.image_params = sum(p.numel() for m in (student.visual, student.image_proj) if m is not None
                                 for p in m.parameters())
         optimizer = torch.optim.AdamW(param_groups(student, cfg.optim.weight_decay), lr=cfg.optim.lr,

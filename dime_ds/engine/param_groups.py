@@ -1,12 +1,14 @@
 """Weight decay on matrices only: biases, norms, embeddings' positions and the logit scale are
-exempt, as in CLIP and OpenCLIP training."""
+exempt, as in CLIP and OpenCLIP training; so are CLIP-CID's learnable centres, used normalised (decay
+would only shrink their norm)."""
 from __future__ import annotations
 
 from typing import Iterable
 
 from torch import nn
 
-NO_DECAY_HINTS = ("bias", "ln", "norm", "bn", "logit_scale", "positional_embedding", "class_embedding")
+NO_DECAY_HINTS = ("bias", "ln", "norm", "bn", "logit_scale", "positional_embedding", "class_embedding",
+                  "objective_params.centres")
 
 
 def split_names(named_ndims: Iterable[tuple[str, int]]) -> tuple[list[str], list[str]]:

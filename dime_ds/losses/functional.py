@@ -95,3 +95,52 @@ def clip_loss(img: torch.Tensor, txt: torch.Tensor, logit_scale: torch.Tensor) -
     """Symmetric InfoNCE over paired rows (row i of img matches row i of txt)."""
     img, txt = normalize(img), normalize(txt)
     return clip_loss_block(img, txt, img, txt, logit_scale)
+
+
+# ---------------------------------------------------------------------------- CLIP-CID terms
+# CLIP-CID's scale, margin and temperature (32, 0.3, 0.07, the UNICOM/MLCD line's values; the paper's
+# own are not public) are LossConfig's defaults, keyword-only and required here like every weight above.
+UNLABELLED = -1  # a row without a pseudo-class (dime_ds.curate.pseudo_labels.UNLABELLED)
+COS_EPS = 1e-7  # arccos is clamped inside (-1, 1): its derivative is infinite at the ends
+
+
+def margin_logits(cos: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, *, scale: float,
+                  margin: float) -> torch.Tensor:
+    """scale * cos, with scale * cos(arccos(cos) + margin) at the positions (rows[i], cols[i]), each a
+    row's own class: the additive angular margin (ArcFace) of cluster discrimination. The arccos runs
+    on those positions only: the logits may hold 10^9 entries at scale."""
+    theta = torch.acos(cos[rows, cols].clamp(-1.0 + COS_EPS, 1.0 - COS_EPS))
+    return (scale * cos).index_put((rows, cols), scale * torch.cos(theta + margin))
+
+
+def cluster_discrimination(s_img: torch.Tensor, centres: torch.Tensor, labels: torch.Tensor, *, scale: float,
+                           margin: float) -> torch.Tensor:
+    """CLIP-CID's cluster discrimination over one whole batch and all centres: s = normalised student
+    image embeddings [n, d] (in the teacher's space), W = normalised centres [k, d], cos_j = s.W_j;
+    logits scale * cos_j for j != y and scale * cos(theta_y + margin) for the label y, theta_y =
+    arccos(clamp(cos_y, -1 + 1e-7, 1 - 1e-7)); mean cross-entropy. Rows labelled UNLABELLED (-1: an
+    image the cluster stage never saw) are left out of the mean; with none labelled the loss is 0.
+    `scale` and `margin` have no defaults here: LossConfig.cluster_scale / cluster_margin own them."""
+    cos = normalize(s_img) @ normalize(centres).t()
+    rows = torch.nonzero(labels != UNLABELLED).flatten()
+    logits = margin_logits(cos, rows, labels[rows], scale=scale, margin=margin)
+    if rows.numel() == 0:
+        return logits.sum() * 0.0
+    return F.cross_entropy(logits[rows], labels[rows])
+
+
+def instance_discrimination_block(s_rows: torch.Tensor, t_cols: torch.Tensor, *, temperature: float,
+                                  row_offset: int = 0) -> torch.Tensor:
+    """InfoNCE of a block of student image rows against all teacher image columns (both L2-normalised):
+    row i's target is column `row_offset + i`, the teacher's embedding of the same image. Averaged over
+    the block's rows."""
+    targets = row_offset + torch.arange(s_rows.shape[0], device=s_rows.device)
+    return F.cross_entropy(s_rows @ t_cols.t() / temperature, targets)
+
+
+def instance_discrimination(s_img: torch.Tensor, t_img: torch.Tensor, *, temperature: float) -> torch.Tensor:
+    """CLIP-CID's instance discrimination over one whole batch: logits = s.tᵀ / temperature of the
+    normalised student and teacher image embeddings, the target of row i is column i; mean
+    cross-entropy. `temperature` has no default here: LossConfig.instance_temperature owns it."""
+    s, t = normalize(s_img), normalize(t_img)
+    return instance_discrimination_block(s, t, temperature=temperature)

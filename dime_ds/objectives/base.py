@@ -79,6 +79,13 @@ class Objective(ABC):
     def losses(self, features: dict, targets: dict) -> dict[str, torch.Tensor]:
         """This rank's local losses: `total` (what is backpropagated) and each named term."""
 
+    def trainable_module(self) -> torch.nn.Module | None:
+        """Parameters the objective trains beside the student (CLIP-CID's learnable centres); the engine
+        wraps them with the student, so its optimizer, gradient averaging and checkpoints cover them.
+        The objective reads them outside the student's forward: ZeRO-3 (partitioned parameters) refuses
+        them. None: nothing of its own to train."""
+        return None
+
     def borrowed_text(self) -> tuple[Callable, Callable] | None:
         """(encode_text, tokenize) for a student without a text tower (evaluation); None: none to lend."""
         return None

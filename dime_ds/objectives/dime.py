@@ -1,12 +1,13 @@
 """DIME-FM: unpaired images and unpaired sentences, a frozen teacher (live, ZeRO-3 sharded or read
-from the embed stage's cache), and the KD terms L_vl, L_pvl, L_ud over the global batch."""
+from the embed stage's cache), and the KD terms L_vl, L_pvl, L_ud over the global batch; optionally
+CLIP-CID's cluster and instance terms beside them (objectives/cid.py)."""
 from __future__ import annotations
 
 
 import torch
 import torch.nn.functional as F
 
-from dime_ds.config.schema import DataConfig, LossConfig, RootConfig, TeacherConfig
+from dime_ds.config.schema import ClusterConfig, DataConfig, LossConfig, RootConfig, TeacherConfig
 from dime_ds.data.loaders import BatchStream, image_batches, text_batches, view_batches
 from dime_ds.data.pipelines import image_transform, preprocess_size
 from dime_ds.data.shards import list_shards
@@ -15,6 +16,7 @@ from dime_ds.eval.features import Encoder
 from dime_ds.losses.dime import dime_loss
 from dime_ds.models import PRECISIONS, Student, student_preprocess_cfg, student_tokenizer
 from dime_ds.objectives.base import Objective, RunContext, StudentForward
+from dime_ds.objectives.cid import CENTRES, CidTerms
 from dime_ds.objectives.teacher_source import TeacherSource
 
 
@@ -31,15 +33,18 @@ def repreprocess(images: torch.Tensor, src: dict, dst: dict) -> torch.Tensor:
 
 class DimeObjective(Objective):
     name = "dime"
+    SHARED_FEATURES = (CENTRES,)  # learnable CLIP-CID centres: one value per step, not per sample
 
     def __init__(self, teacher_cfg: TeacherConfig, data_cfg: DataConfig, loss_cfg: LossConfig, ctx: RunContext,
-                 views: ViewRecipe | None = None, view_choice: str = "random"):
+                 views: ViewRecipe | None = None, view_choice: str = "random", cluster_cfg: ClusterConfig | None = None):
         self.data_cfg, self.loss_cfg, self.ctx = data_cfg, loss_cfg, ctx
         # K fixed views per image (embed.views > 1): the images show them, live or cached teacher alike
         self.views, self.view_choice = views, view_choice
         self.teacher = TeacherSource(teacher_cfg, ctx.device, ctx.micro_batch, augmented=data_cfg.augment,
                                      zero3_wrap=ctx.zero3_wrap, views=views)
         self.target_dim = self.teacher.embed_dim
+        self.cid = CidTerms(loss_cfg, cluster_cfg or ClusterConfig(), self.target_dim, ctx) \
+            if loss_cfg.w_cluster > 0 or loss_cfg.w_instance > 0 else None
         self.images: BatchStream | None = None
         self.texts: BatchStream | None = None
         self.student_preprocess: dict | None = None
@@ -48,7 +53,7 @@ class DimeObjective(Objective):
 
     @classmethod
     def from_config(cls, cfg: RootConfig, ctx: RunContext) -> "DimeObjective":
-        return cls(cfg.teacher, cfg.data, cfg.loss, ctx, ViewRecipe.from_config(cfg), cfg.embed.choice)
+        return cls(cfg.teacher, cfg.data, cfg.loss, ctx, ViewRecipe.from_config(cfg), cfg.embed.choice, cfg.cluster)
 
     # ------------------------------------------------------------------ streams
     def start(self, student: Student, state: dict | None) -> None:
@@ -69,13 +74,18 @@ class DimeObjective(Objective):
                                         start=state.get("images"), **common)
         tokenize = self.teacher.tokenizer or self.student_tokenize  # None: keys are all the cache needs
         self.texts = text_batches(list_shards(data.texts), tokenize, ctx.micro_batch, start=state.get("texts"), **common)
+        if self.cid is not None:
+            self.cid.step = state.get("cid_step", 0)
 
     def _stream_preprocess(self) -> dict:
         """Images are transformed once, at the teacher's preprocessing when a live teacher runs."""
         return self.teacher.preprocess_cfg or self.student_preprocess
 
     def state_dict(self) -> dict:
-        return {"images": self.images.state_dict(), "texts": self.texts.state_dict()}
+        state = {"images": self.images.state_dict(), "texts": self.texts.state_dict()}
+        if self.cid is not None:
+            state["cid_step"] = self.cid.step
+        return state
 
     def skipped(self) -> dict[str, int]:
         return {"images": self.images.skipped, "texts": self.texts.skipped}
@@ -95,20 +105,25 @@ class DimeObjective(Objective):
         images, texts = batch["images"], batch["texts"]
         t_img, t_txt = self.teacher.embed(images["images"], texts.get("tokens"), images["keys"], texts["keys"],
                                           image_views=images.get("views"))
-        return {"image": t_img, "text": t_txt}
+        return {"image": t_img, "text": t_txt, **(self.cid.batch_labels(images["keys"]) if self.cid else {})}
 
     def student_features(self, student: StudentForward, batch: dict) -> dict:
         device, inputs = self.ctx.device, batch["student"]
         tokens = inputs["tokens"].to(device) if inputs["tokens"] is not None else None
         out = student(images=inputs["images"].to(device, self.ctx.precision.dtype), tokens=tokens)
-        return {"image": out.image.float(), "text": out.text.float() if out.text is not None else None}
+        return {"image": out.image.float(), "text": out.text.float() if out.text is not None else None,
+                **(self.cid.student_features() if self.cid else {})}
+
+    def trainable_module(self):
+        return self.cid.learned if self.cid is not None else None
 
     def losses(self, features: dict, targets: dict) -> dict[str, torch.Tensor]:
         t_img, t_txt = targets["image"], targets["text"]
         # No student text tower: the teacher's sentences speak for it (`s_txt is t_txt`).
         s_img, s_txt = features["image"], t_txt if features["text"] is None else features["text"]
         self._last = (t_img.detach(), t_txt.detach(), s_img.detach(), s_txt.detach())
-        return dime_loss(t_img, t_txt, s_img, s_txt, self.loss_cfg)
+        losses = dime_loss(t_img, t_txt, s_img, s_txt, self.loss_cfg)
+        return self.cid.add_terms(losses, s_img, t_img, features, targets) if self.cid is not None else losses
 
     # ------------------------------------------------------------------ evaluation, reporting
     def borrowed_text(self):
