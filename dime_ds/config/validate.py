@@ -24,7 +24,7 @@ CHOICES = {
     "dist.backend": ("auto", "nccl", "gloo"),
     "match.index": ("flat", "ivf"),
     "match.stage": ("embed", "match", "all"),
-    "curate.stage": ("metaclip",),
+    "curate.stage": ("metaclip", "semantic_balance", "cluster"),
     "eval.precision": ("auto", "bf16", "fp16", "fp32"),
 }
 EVAL_TASKS = ("zeroshot", "retrieval", "linear_probe")
@@ -33,13 +33,14 @@ POSITIVE = (
     "loss.t_vl", "loss.t_pvl", "loss.t_ud", "loss.scale", "optim.lr", "optim.steps",
     "optim.global_batch_size", "optim.grad_accum", "optim.eps", "log.every_n_steps",
     "ckpt.keep_last", "match.topk", "match.block_size", "match.batch_size", "eval.batch_size",
-    "eval.probe.max_iter", "curate.top_entries",
+    "eval.probe.max_iter", "curate.top_entries", "balance.beta", "balance.k", "balance.max_k",
+    "balance.block_size", "cluster.k", "cluster.niter",
     "data.synthetic.image_size", "data.synthetic.shard_size", "slurm.nodes",
 )
 NON_NEGATIVE = (
     "loss.w_vl", "loss.w_pvl", "loss.w_ud", "optim.weight_decay", "optim.warmup_steps",
     "optim.min_lr", "optim.grad_clip", "ckpt.every_n_steps", "eval.every_n_steps",
-    "data.workers", "eval.workers", "slurm.gpus_per_node",
+    "data.workers", "eval.workers", "slurm.gpus_per_node", "balance.buckets", "balance.groups_shown",
 )
 FRACTIONS = ("match.stop_ratio", "data.crop_scale_min", "data.synthetic.describing_fraction",
              "data.synthetic.second_object_p", "eval.probe.val_fraction", "eval.probe.test_fraction")
