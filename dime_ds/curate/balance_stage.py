@@ -1,0 +1,130 @@
+"""The semantic-balance stage: `run_semantic_balance(cfg)` (`python -m dime_ds.curate
+stage=semantic_balance`) reads the embed stage's image cache (`match.embed_dir/images`) and writes
+into `balance.out_dir`:
+
+- `report.json`, `report.md`, `component_sizes.png`, `removed_groups.png` (balance_report.py);
+- `keep.txt`  the kept image keys, one a line, in cache row order, written last (atomically): a
+              directory with a keep.txt is complete. `data.keep=<balance.out_dir>` makes the
+              training image stream honour it.
+
+Ranks (semantic.py has the math): without buckets rank r of R searches the query rows
+[r*n/R, (r+1)*n/R) against every row, in blocks; with `balance.buckets`, rank 0 trains the bucket
+k-means and every rank searches the buckets b with b % R == r within themselves. Each rank reduces
+its joined pairs to a forest (one pair a touched node); rank 0 gathers the forests, runs the
+union-find once, picks each group's image nearest its centroid and writes the outputs. The keep
+list is the same for every world size (tested: 2 ranks against one, and against the flat path)."""
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+from tqdm import tqdm
+
+from dime_ds.curate import semantic as S
+from dime_ds.data.embeddings import EmbeddingCache, EmbeddingCacheError
+from dime_ds.data.keep import KEEP_FILE, write_keep_list
+from dime_ds.distributed.stage import StageContext, agreed, gather_to_main, on_main, stage
+from dime_ds.ground.search import Rows, gpu_count
+
+if TYPE_CHECKING:
+    from dime_ds.config.schema import BalanceConfig, RootConfig
+
+log = logging.getLogger(__name__)
+
+
+def open_image_cache(cfg: RootConfig) -> EmbeddingCache:
+    """The teacher's image embeddings the embed stage wrote, with a message saying how to get them."""
+    directory = Path(cfg.match.embed_dir) / "images"
+    try:
+        cache = EmbeddingCache(directory)
+    except EmbeddingCacheError as err:
+        raise EmbeddingCacheError(f"match.embed_dir={cfg.match.embed_dir}: {err}\nRun `python -m dime_ds.match "
+                                  "stage=embed` (same overrides) first: this stage reads the teacher's image "
+                                  "embeddings.") from None
+    if cache.manifest["modality"] != "images":
+        raise EmbeddingCacheError(f"{directory} holds {cache.manifest['modality']} embeddings, not images")
+    return cache
+
+
+def use_gpus(cfg: RootConfig) -> int:
+    return gpu_count(False if cfg.device == "cpu" else None)
+
+
+def _train_buckets(rows: Rows, c: BalanceConfig, ngpu: int) -> np.ndarray:
+    """Rank 0: spherical k-means centroids of the buckets, on a seeded sample of <= 256 rows a bucket."""
+    n = len(rows)
+    sample = np.sort(np.random.default_rng(c.seed).choice(n, size=min(n, 256 * c.buckets), replace=False))
+    return S.spherical_kmeans(rows.take(sample), min(c.buckets, len(sample)), niter=20, seed=c.seed,
+                              gpu=bool(ngpu)).centroids
+
+
+def _rank_pairs(ctx: StageContext, rows: Rows, c: BalanceConfig, centroids: np.ndarray | None, ngpu: int,
+                progress: bool) -> tuple[S.Pairs, dict]:
+    n, r, world = len(rows), ctx.rank, ctx.world_size
+    stats: dict = {}
+    knobs = dict(k=c.k, max_k=c.max_k, block=c.block_size, ngpu=ngpu, stats=stats)
+    if centroids is None:
+        mine = np.arange(r * n // world, (r + 1) * n // world, dtype=np.int64)
+        return S.pairs_within(rows, mine, np.arange(n, dtype=np.int64), c.beta, progress=progress, **knobs), stats
+    bucket = S.bucket_of(rows, centroids, c.block_size)
+    order = np.argsort(bucket, kind="stable")
+    bounds = np.searchsorted(bucket[order], np.arange(len(centroids) + 1))
+    parts = []
+    for b in tqdm(range(r, len(centroids), world), desc="balance: buckets", disable=not progress):
+        ids = order[bounds[b]:bounds[b + 1]]  # ascending within a bucket (stable sort)
+        if len(ids) > 1:
+            parts.append(S.pairs_within(rows, ids, ids, c.beta, **knobs))
+    stats["bucket_sizes_max"] = int(np.diff(bounds).max()) if len(bounds) > 1 else 0
+    return S.merge_forests(parts), stats
+
+
+def _prepare(out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / KEEP_FILE).unlink(missing_ok=True)  # incomplete until the new keep list lands
+
+
+def _finish(cfg: RootConfig, cache: EmbeddingCache, rows: Rows, gathered: list, seconds: float, world: int) -> dict:
+    from dime_ds.curate.balance_report import build_report, write_report
+
+    c, out = cfg.balance, Path(cfg.balance.out_dir)
+    pairs = S.merge_forests(p for p, _ in gathered)
+    labels = S.labels_from_forest(len(rows), pairs)
+    kept = S.nearest_to_centroid(rows, labels, c.block_size, progress=bool(cfg.log.progress))
+    keys = cache.keys()
+    stats: dict = {}
+    for _, s in gathered:
+        for name, value in s.items():
+            stats[name] = max(stats.get(name, 0), value) if name.endswith("_max") else stats.get(name, 0) + value
+    report = build_report(cfg, cache, labels, kept, stats, seconds=seconds, world=world)
+    write_report(out, report, cfg, keys, labels, kept)
+    write_keep_list(out / KEEP_FILE, (keys[i] for i in kept.tolist()))  # last: the run is complete
+    return report
+
+
+def run_semantic_balance(cfg: RootConfig) -> dict:
+    """Semantic balance of the image pool on every rank of the job (see the module docstring).
+    Returns rank 0's report on every rank."""
+    c, out = cfg.balance, Path(cfg.balance.out_dir)
+    start = time.perf_counter()
+    with stage(cfg.dist, cfg.device) as ctx:
+        progress = bool(cfg.log.progress) and ctx.is_main
+        cache = agreed(open_image_cache, cfg, what="opening the image embedding cache")
+        rows = Rows(cache.shards)
+        ngpu = agreed(use_gpus, cfg, what="looking for GPUs")
+        if ctx.is_main:
+            log.info("semantic balance of %d images (%s, %d-d) on %d rank(s): beta=%g, k=%d (max %d), %s, %d GPU(s)",
+                     len(rows), cache.model, rows.dim, ctx.world_size, c.beta, c.k, c.max_k,
+                     f"{c.buckets} k-means buckets" if c.buckets else "flat search", ngpu)
+        on_main(_prepare, out, what="preparing the output directory")
+        centroids = on_main(_train_buckets, rows, c, ngpu, what="training the buckets") if c.buckets else None
+        part = agreed(_rank_pairs, ctx, rows, c, centroids, ngpu, progress, what="searching for joined pairs")
+        gathered = gather_to_main(part)
+        report = on_main(_finish, cfg, cache, rows, gathered, time.perf_counter() - start, ctx.world_size,
+                         what="choosing the kept images and writing the report")
+    if ctx.is_main:
+        log.info("semantic balance: %d of %d images kept (%.1f %% removed) -> %s", report["kept"], report["images"],
+                 100 * report["removed_share"], out / KEEP_FILE)
+    return report
