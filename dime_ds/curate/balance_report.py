@@ -95,7 +95,14 @@ def _images_by_key(spec: str, wanted: set[str]) -> dict:
     return found
 
 
-def contact_sheet(cfg, keys: list[str], labels: np.ndarray, kept: np.ndarray, path: Path) -> str:
+def _keys_of(cache, rows: set[int]) -> dict[int, str]:
+    found = {}
+    for start, keys in cache.shard_keys():
+        found.update((r, keys[r - start]) for r in rows if start <= r < start + len(keys))
+    return found
+
+
+def contact_sheet(cfg, cache, labels: np.ndarray, kept: np.ndarray, path: Path) -> str:
     """Draw the largest removed groups (kept image first); returns the report's note."""
     roots, sizes = _groups(labels)
     shown = roots[sizes > 1][:int(cfg.balance.groups_shown)]
@@ -110,8 +117,9 @@ def contact_sheet(cfg, keys: list[str], labels: np.ndarray, kept: np.ndarray, pa
         members = np.flatnonzero(labels == root)
         members = np.r_[members[is_kept[members]], members[~is_kept[members]]][:SHEET_COLUMNS]
         rows.append(members)
+    keys = _keys_of(cache, {int(i) for r in rows for i in r})
     try:
-        images = _images_by_key(cfg.data.images, {keys[i] for r in rows for i in r})
+        images = _images_by_key(cfg.data.images, set(keys.values()))
     except (OSError, ValueError) as err:
         return f"could not read data.images={cfg.data.images} for the contact sheet: {err}"
     from matplotlib.figure import Figure
@@ -136,9 +144,9 @@ def contact_sheet(cfg, keys: list[str], labels: np.ndarray, kept: np.ndarray, pa
                                                        if missing else ""))
 
 
-def write_report(out: Path, report: dict, cfg, keys: list[str], labels: np.ndarray, kept: np.ndarray) -> None:
+def write_report(out: Path, report: dict, cfg, cache, labels: np.ndarray, kept: np.ndarray) -> None:
     sizes_png(labels, out / "component_sizes.png")
-    note = contact_sheet(cfg, keys, labels, kept, out / "removed_groups.png")
+    note = contact_sheet(cfg, cache, labels, kept, out / "removed_groups.png")
     report["contact_sheet"] = note
     write_text(out / "report.json", json.dumps(report, indent=1) + "\n")
     write_text(out / "report.md", _markdown(report, note))

@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Iterator
 
 import numpy as np
 from tqdm import tqdm
@@ -93,15 +93,23 @@ def _finish(cfg: RootConfig, cache: EmbeddingCache, rows: Rows, gathered: list, 
     pairs = S.merge_forests(p for p, _ in gathered)
     labels = S.labels_from_forest(len(rows), pairs)
     kept = S.nearest_to_centroid(rows, labels, c.block_size, progress=bool(cfg.log.progress))
-    keys = cache.keys()
     stats: dict = {}
     for _, s in gathered:
         for name, value in s.items():
             stats[name] = max(stats.get(name, 0), value) if name.endswith("_max") else stats.get(name, 0) + value
     report = build_report(cfg, cache, labels, kept, stats, seconds=seconds, world=world)
-    write_report(out, report, cfg, keys, labels, kept)
-    write_keep_list(out / KEEP_FILE, (keys[i] for i in kept.tolist()))  # last: the run is complete
+    write_report(out, report, cfg, cache, labels, kept)
+    write_keep_list(out / KEEP_FILE, _kept_keys(cache, kept))  # last: the run is complete
     return report
+
+
+def _kept_keys(cache: EmbeddingCache, kept: np.ndarray) -> Iterator[str]:
+    """The kept keys in row order, one shard's keys in memory at a time (10^8 keys would take ~10 GB)."""
+    is_kept = np.zeros(len(cache), bool)
+    is_kept[kept] = True
+    for start, keys in cache.shard_keys():
+        for row in np.flatnonzero(is_kept[start:start + len(keys)]).tolist():
+            yield keys[row]
 
 
 def run_semantic_balance(cfg: RootConfig) -> dict:
