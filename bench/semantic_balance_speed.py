@@ -61,22 +61,16 @@ def _bucketed(x, beta: float, bucket_rows: int, seed: int) -> dict:
     n, d = x.shape
     buckets = max(1, n // bucket_rows)
     t0 = time.perf_counter()
-    sample = np.sort(np.random.default_rng(seed).choice(n, size=min(n, 256 * buckets), replace=False))
-    centroids = S.spherical_kmeans(rows.take(sample), buckets, niter=20, seed=seed).centroids
+    centroids = S.train_buckets(rows, buckets, seed)
     bucket = S.bucket_of(rows, centroids)
     t_buckets = time.perf_counter() - t0
-    order = np.argsort(bucket, kind="stable")
-    bounds = np.searchsorted(bucket[order], np.arange(buckets + 1))
-    parts, macs = [], 0
-    for b in range(buckets):
-        ids = order[bounds[b]:bounds[b + 1]]
-        macs += len(ids) ** 2 * d
-        if len(ids) > 1:
-            parts.append(S.pairs_within(rows, ids, ids, beta))
-    labels = S.labels_from_forest(n, S.merge_forests(parts))
+    stats: dict = {}
+    pairs = S.pairs_in_buckets(rows, bucket, len(centroids), range(len(centroids)), beta, stats=stats)
+    sizes = np.bincount(bucket, minlength=len(centroids))
+    macs = int((sizes.astype(np.int64) ** 2).sum()) * d
+    labels = S.labels_from_forest(n, pairs)
     kept = S.nearest_to_centroid(rows, labels)
     s = time.perf_counter() - t0
-    sizes = np.diff(bounds)
     return {"path": f"bucketed ({buckets} buckets)", "n": n, "d": d, "seconds": s, "bucket_seconds": t_buckets,
             "images_per_s": n / s, "macs_per_s": macs / max(s - t_buckets, 1e-9), "buckets": buckets,
             "largest_bucket": int(sizes.max()), "macs": macs, "removed_share": 1 - len(kept) / n}

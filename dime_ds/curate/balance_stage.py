@@ -9,7 +9,8 @@ into `balance.out_dir`:
 
 Ranks (semantic.py has the math): without buckets rank r of R searches the query rows
 [r*n/R, (r+1)*n/R) against every row, in blocks; with `balance.buckets`, rank 0 trains the bucket
-k-means and every rank searches the buckets b with b % R == r within themselves. Each rank reduces
+k-means, every rank assigns its share of the rows to buckets (one all-reduce completes the
+assignment) and searches the buckets b with b % R == r within themselves. Each rank reduces
 its joined pairs to a forest (one pair a touched node); rank 0 gathers the forests, runs the
 union-find once, picks each group's image nearest its centroid and writes the outputs. The keep
 list is the same for every world size (tested: 2 ranks against one, and against the flat path)."""
@@ -21,11 +22,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Iterator
 
 import numpy as np
-from tqdm import tqdm
+import torch
 
 from dime_ds.curate import semantic as S
 from dime_ds.data.embeddings import EmbeddingCache, EmbeddingCacheError
 from dime_ds.data.keep import KEEP_FILE, write_keep_list
+from dime_ds.distributed import collectives as C
 from dime_ds.distributed.stage import StageContext, agreed, gather_to_main, on_main, stage
 from dime_ds.ground.search import Rows, gpu_count
 
@@ -53,32 +55,28 @@ def use_gpus(cfg: RootConfig) -> int:
     return gpu_count(False if cfg.device == "cpu" else None)
 
 
-def _train_buckets(rows: Rows, c: BalanceConfig, ngpu: int) -> np.ndarray:
-    """Rank 0: spherical k-means centroids of the buckets, on a seeded sample of <= 256 rows a bucket."""
-    n = len(rows)
-    sample = np.sort(np.random.default_rng(c.seed).choice(n, size=min(n, 256 * c.buckets), replace=False))
-    return S.spherical_kmeans(rows.take(sample), min(c.buckets, len(sample)), niter=20, seed=c.seed,
-                              gpu=bool(ngpu)).centroids
+def _share(ctx: StageContext, n: int) -> tuple[int, int]:
+    return ctx.rank * n // ctx.world_size, (ctx.rank + 1) * n // ctx.world_size
 
 
-def _rank_pairs(ctx: StageContext, rows: Rows, c: BalanceConfig, centroids: np.ndarray | None, ngpu: int,
-                progress: bool) -> tuple[S.Pairs, dict]:
+def _assign_buckets(ctx: StageContext, rows: Rows, centroids: np.ndarray, c: BalanceConfig, ngpu: int) -> np.ndarray:
+    """Every row's bucket: each rank assigns its share, one all-reduce (int32, n x 4 B) completes it."""
+    lo, hi = _share(ctx, len(rows))
+    part = np.zeros(len(rows), np.int32)
+    part[lo:hi] = agreed(S.bucket_of, rows, centroids, lo, hi, c.block_size, ngpu, what="assigning the buckets")
+    return C.all_reduce_sum(torch.from_numpy(part)).numpy() if ctx.world_size > 1 else part
+
+
+def _rank_pairs(ctx: StageContext, rows: Rows, c: BalanceConfig, bucket: np.ndarray | None, n_buckets: int,
+                ngpu: int, progress: bool) -> tuple[S.Pairs, dict]:
     n, r, world = len(rows), ctx.rank, ctx.world_size
     stats: dict = {}
     knobs = dict(k=c.k, max_k=c.max_k, block=c.block_size, ngpu=ngpu, stats=stats)
-    if centroids is None:
-        mine = np.arange(r * n // world, (r + 1) * n // world, dtype=np.int64)
+    if bucket is None:
+        mine = np.arange(*_share(ctx, n), dtype=np.int64)
         return S.pairs_within(rows, mine, np.arange(n, dtype=np.int64), c.beta, progress=progress, **knobs), stats
-    bucket = S.bucket_of(rows, centroids, c.block_size)
-    order = np.argsort(bucket, kind="stable")
-    bounds = np.searchsorted(bucket[order], np.arange(len(centroids) + 1))
-    parts = []
-    for b in tqdm(range(r, len(centroids), world), desc="balance: buckets", disable=not progress):
-        ids = order[bounds[b]:bounds[b + 1]]  # ascending within a bucket (stable sort)
-        if len(ids) > 1:
-            parts.append(S.pairs_within(rows, ids, ids, c.beta, **knobs))
-    stats["bucket_sizes_max"] = int(np.diff(bounds).max()) if len(bounds) > 1 else 0
-    return S.merge_forests(parts), stats
+    return S.pairs_in_buckets(rows, bucket, n_buckets, range(r, n_buckets, world), c.beta, progress=progress,
+                              **knobs), stats
 
 
 def _prepare(out: Path) -> None:
@@ -127,8 +125,11 @@ def run_semantic_balance(cfg: RootConfig) -> dict:
                      len(rows), cache.model, rows.dim, ctx.world_size, c.beta, c.k, c.max_k,
                      f"{c.buckets} k-means buckets" if c.buckets else "flat search", ngpu)
         on_main(_prepare, out, what="preparing the output directory")
-        centroids = on_main(_train_buckets, rows, c, ngpu, what="training the buckets") if c.buckets else None
-        part = agreed(_rank_pairs, ctx, rows, c, centroids, ngpu, progress, what="searching for joined pairs")
+        bucket, n_buckets = None, 0
+        if c.buckets:
+            centroids = on_main(S.train_buckets, rows, c.buckets, c.seed, ngpu, what="training the buckets")
+            bucket, n_buckets = _assign_buckets(ctx, rows, centroids, c, ngpu), len(centroids)
+        part = agreed(_rank_pairs, ctx, rows, c, bucket, n_buckets, ngpu, progress, what="searching for joined pairs")
         gathered = gather_to_main(part)
         report = on_main(_finish, cfg, cache, rows, gathered, time.perf_counter() - start, ctx.world_size,
                          what="choosing the kept images and writing the report")

@@ -38,7 +38,7 @@ from typing import Iterable, Iterator
 import numpy as np
 from tqdm import tqdm
 
-from dime_ds.ground.search import GPU_MAX_K, Rows, _to_gpus
+from dime_ds.ground.search import GPU_MAX_K, Rows, _to_gpus, flat_index
 
 log = logging.getLogger(__name__)
 
@@ -245,16 +245,38 @@ def pairs_within(rows: Rows, query_ids: np.ndarray, base_ids: np.ndarray, beta: 
     return merge_forests(parts)
 
 
-def bucket_of(rows: Rows, centroids: np.ndarray, block: int = 65536) -> np.ndarray:
-    """int32 per row: its nearest (inner product) bucket centroid."""
-    import faiss
-
-    index = faiss.IndexFlatIP(centroids.shape[1])
-    index.add(np.ascontiguousarray(centroids, np.float32))
-    out = np.empty(len(rows), np.int32)
-    for start, x in rows.blocks(block):
-        out[start:start + len(x)] = index.search(x, 1)[1][:, 0]
+def bucket_of(rows: Rows, centroids: np.ndarray, start: int = 0, stop: int | None = None, block: int = 65536,
+              ngpu: int = 0) -> np.ndarray:
+    """int32 per row of [start, stop): its nearest (inner product) bucket centroid."""
+    stop = len(rows) if stop is None else stop
+    index = flat_index(np.ascontiguousarray(centroids, np.float32), ngpu, 1)
+    out = np.empty(stop - start, np.int32)
+    for a in range(start, stop, block):
+        x = rows.block(a, min(a + block, stop))
+        out[a - start:a - start + len(x)] = index.search(x, 1)[1][:, 0]
     return out
+
+
+def train_buckets(rows: Rows, buckets: int, seed: int, ngpu: int = 0) -> np.ndarray:
+    """SemDeDup-style bucket centroids: spherical k-means on a seeded sample of <= 256 rows a bucket."""
+    n = len(rows)
+    sample = np.sort(np.random.default_rng(seed).choice(n, size=min(n, 256 * buckets), replace=False))
+    return spherical_kmeans(rows.take(sample), min(buckets, len(sample)), niter=20, seed=seed, gpu=bool(ngpu)).centroids
+
+
+def pairs_in_buckets(rows: Rows, bucket: np.ndarray, n_buckets: int, mine: Iterable[int], beta: float, *,
+                     stats: dict | None = None, progress: bool = False, **knobs) -> Pairs:
+    """The forest of the joined pairs inside each bucket of `mine` (`bucket`: every row's bucket)."""
+    order = np.argsort(bucket, kind="stable")  # ascending rows within a bucket
+    bounds = np.searchsorted(bucket[order], np.arange(n_buckets + 1))
+    parts = []
+    for b in tqdm(list(mine), desc="balance: buckets", disable=not progress):
+        ids = order[bounds[b]:bounds[b + 1]]
+        if len(ids) > 1:
+            parts.append(pairs_within(rows, ids, ids, beta, stats=stats, **knobs))
+    if stats is not None:
+        stats["bucket_sizes_max"] = int(np.diff(bounds).max()) if n_buckets else 0
+    return merge_forests(parts)
 
 
 def spherical_kmeans(x: np.ndarray, k: int, *, niter: int, seed: int, gpu: bool = False, verbose: bool = False):
@@ -281,4 +303,4 @@ def semantic_balance(embeddings, beta: float, *, k: int = 64, max_k: int = GPU_M
 
 
 __all__ = ["semantic_balance", "components", "forest", "merge_forests", "nearest_to_centroid", "pairs_within",
-           "candidates", "bucket_of", "spherical_kmeans"]
+           "candidates", "bucket_of", "train_buckets", "pairs_in_buckets", "spherical_kmeans"]
