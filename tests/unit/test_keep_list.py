@@ -67,3 +67,24 @@ def test_keep_list_lookup_pickle_and_errors(kept, tmp_path):
         KeepList(tmp_path / "nowhere")
     with pytest.raises(KeepListError, match="keep.txt"):
         KeepList(tmp_path)  # a directory without a keep list
+
+
+def _train(rank, world_size, overrides):
+    from dime_ds.config import load_config
+    from dime_ds.engine.run import run_training
+
+    return run_training(load_config(overrides))
+
+
+def test_distillation_trains_on_the_kept_images(tiny_world, tiny_teacher_dir, kept, tmp_path):
+    """data.keep reaches the trainer's image stream: its not-kept count is the stream's own."""
+    from tests.conftest import engine_overrides
+    from tests.multirank.harness import run_ranks
+
+    out, _, _ = kept
+    summary = run_ranks(_train, 1, engine_overrides(tmp_path, tiny_world, tiny_teacher_dir, f"data.keep={out}",
+                                                    "seed=5"), timeout=300)[0]
+    assert summary["status"] == "completed"
+    stream = _images(tiny_world, seed=5, shuffle_buffer=8, keep=KeepList(out))  # 3 steps of 16, one rank
+    _take(stream, 3)
+    assert summary["skipped"]["images_not_kept"] == stream.not_kept > 0
