@@ -25,6 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 TARGET = 4 * 10 ** 8
+SEMDEDUP_BUCKETS = 50_000  # SemDeDup's k-means clusters for LAION-440M
 
 
 def planted(n: int, d: int, seed: int, duplicate_share: float = 0.4, noise: float = 0.1):
@@ -71,9 +72,20 @@ def _bucketed(x, beta: float, bucket_rows: int, seed: int) -> dict:
     labels = S.labels_from_forest(n, pairs)
     kept = S.nearest_to_centroid(rows, labels)
     s = time.perf_counter() - t0
+    total = bucketed_macs(n, d, len(centroids), search=macs)
     return {"path": f"bucketed ({buckets} buckets)", "n": n, "d": d, "seconds": s, "bucket_seconds": t_buckets,
-            "images_per_s": n / s, "macs_per_s": macs / max(s - t_buckets, 1e-9), "buckets": buckets,
-            "largest_bucket": int(sizes.max()), "macs": macs, "removed_share": 1 - len(kept) / n}
+            "images_per_s": n / s, "macs_per_s": total / s, "buckets": buckets,
+            "largest_bucket": int(sizes.max()), "macs": total, "removed_share": 1 - len(kept) / n}
+
+
+def bucketed_macs(n: int, d: int, buckets: int, search: float | None = None) -> float:
+    """Multiply-adds of the bucketed path (semantic.py's docstring): the search within buckets (even
+    buckets unless measured), the assignment to buckets and the bucket k-means (20 iterations)."""
+    from dime_ds.curate.semantic import BUCKET_TRAIN_MAX, BUCKET_TRAIN_PER_CENTRE
+
+    search = n * (n / buckets) * d if search is None else search
+    train = 20 * min(n, BUCKET_TRAIN_PER_CENTRE * buckets, BUCKET_TRAIN_MAX) * buckets * d
+    return search + n * buckets * d + train
 
 
 def _kmeans(x, k: int, niter: int, seed: int) -> dict:
@@ -148,22 +160,31 @@ def main(argv=None) -> int:
         if flat:
             for n in (10 ** 5, 10 ** 6, TARGET):
                 row[f"flat_seconds_{n:.0e}"] = flat["seconds"] * (n / flat["n"]) ** 2
-        if buck:
+        if buck:  # the measured multiply-add rate on the cost model's multiply-adds
             for n in (10 ** 6, TARGET):
-                row[f"bucketed_seconds_{n:.0e}"] = buck["seconds"] * n / buck["n"]
+                row[f"bucketed_seconds_{n:.0e}"] = bucketed_macs(n, d, max(1, n // args.bucket_rows)) / buck["macs_per_s"]
+            row["semdedup_seconds_4e+08"] = bucketed_macs(TARGET, d, SEMDEDUP_BUCKETS) / buck["macs_per_s"]
+            row["semdedup_macs_4e+08"] = bucketed_macs(TARGET, d, SEMDEDUP_BUCKETS)
+            row["flat_macs_4e+08"] = float(TARGET) ** 2 * d
         if km:
             for n in (10 ** 6, TARGET):
                 row[f"kmeans_assign_seconds_{n:.0e}"] = n / km["assign_per_s"]
         projection.append(row)
-    print(f"\nProjected from the largest measured n (quadratic for flat, linear for bucketed at ~{args.bucket_rows} rows a "
-          f"bucket and for the k={args.k} assignment), in CPU-hours of this process ({threads} threads):\n")
-    print("| d | flat 1e5 | flat 1e6 | flat 4e8 | bucketed 1e6 | bucketed 4e8 | k-means assign 4e8 |")
-    print("|--:|---------:|---------:|---------:|-------------:|-------------:|-------------------:|")
+    print(f"\nProjected, not measured, in hours of this process ({threads} threads): flat quadratically from its "
+          f"largest n; bucketed from its measured multiply-add rate on the cost model (search + assignment + bucket "
+          f"k-means), at ~{args.bucket_rows} rows a bucket or SemDeDup's {SEMDEDUP_BUCKETS} buckets; the k={args.k} "
+          "assignment linearly:\n")
+    print("| d | flat 1e5 | flat 1e6 | flat 4e8 | bucketed 1e6 | bucketed 4e8 | 4e8, 5e4 buckets | k-means assign 4e8 |")
+    print("|--:|---------:|---------:|---------:|-------------:|-------------:|-----------------:|-------------------:|")
     for row in projection:
         def h(key):
             return f"{row[key] / 3600:,.2f} h" if key in row else "-"
         print(f"| {row['d']} | {h('flat_seconds_1e+05')} | {h('flat_seconds_1e+06')} | {h('flat_seconds_4e+08')} | "
-              f"{h('bucketed_seconds_1e+06')} | {h('bucketed_seconds_4e+08')} | {h('kmeans_assign_seconds_4e+08')} |")
+              f"{h('bucketed_seconds_1e+06')} | {h('bucketed_seconds_4e+08')} | {h('semdedup_seconds_4e+08')} | "
+              f"{h('kmeans_assign_seconds_4e+08')} |")
+        if "semdedup_macs_4e+08" in row:
+            print(f"|   | multiply-adds at 4e8: flat {row['flat_macs_4e+08']:.2g}, 5e4 buckets "
+                  f"{row['semdedup_macs_4e+08']:.2g} | | | | | | |")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"settings": vars(args), "machine": {"cpus": os.cpu_count(), "faiss_threads": threads,

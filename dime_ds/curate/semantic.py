@@ -28,7 +28,13 @@ whole; a rank holds one base block and one query block (2 x block_size x d x 4 B
 and its forest (<= 16 B a touched node: <= 1.6 GB); rank 0 holds the gathered forests (16 B a pair:
 ~0.7 GB at CLIP-CID's 44 % removed), the parent array and its compression temporaries (3 x 8 B a
 node: 2.4 GB) and, for the keep choice, the group sums of a chunk of groups (<= block_size / 2 x d x
-8 B = 0.2 GB). About 6 GB on rank 0 and 2 GB elsewhere; buckets add 4 B a node for the assignment.
+8 B = 0.2 GB). About 6 GB on rank 0 and 2 GB elsewhere. Buckets add 4 B a node for the assignment
+(8 B while it is all-reduced) and, on rank 0, the bucket k-means' training sample (<= 2^21 rows:
+6.4 GB at d = 768).
+
+Cost. Flat: n^2 d multiply-adds. Bucketed with B buckets of n / B rows: the search n^2 d / B, the
+assignment n B d, the bucket k-means 20 x min(256 B, 2^21) x B x d; B ~ sqrt(n) balances the first
+two (SemDeDup used 50 000 buckets for LAION-440M).
 """
 from __future__ import annotations
 
@@ -257,10 +263,16 @@ def bucket_of(rows: Rows, centroids: np.ndarray, start: int = 0, stop: int | Non
     return out
 
 
+BUCKET_TRAIN_PER_CENTRE = 256  # faiss's max_points_per_centroid
+BUCKET_TRAIN_MAX = 1 << 21  # training rows at most (6.4 GB at d = 768): 10^5 buckets still get ~20 each
+
+
 def train_buckets(rows: Rows, buckets: int, seed: int, ngpu: int = 0) -> np.ndarray:
-    """SemDeDup-style bucket centroids: spherical k-means on a seeded sample of <= 256 rows a bucket."""
+    """SemDeDup-style bucket centroids: spherical k-means (20 iterations) on a seeded sample of
+    <= 256 rows a bucket and <= BUCKET_TRAIN_MAX rows in all."""
     n = len(rows)
-    sample = np.sort(np.random.default_rng(seed).choice(n, size=min(n, 256 * buckets), replace=False))
+    size = min(n, BUCKET_TRAIN_PER_CENTRE * buckets, BUCKET_TRAIN_MAX)
+    sample = np.sort(np.random.default_rng(seed).choice(n, size=size, replace=False))
     return spherical_kmeans(rows.take(sample), min(buckets, len(sample)), niter=20, seed=seed, gpu=bool(ngpu)).centroids
 
 
