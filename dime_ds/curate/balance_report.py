@@ -5,15 +5,12 @@ when data.images is not set or lacks them)."""
 from __future__ import annotations
 
 import json
-import logging
 from pathlib import Path
 
 import numpy as np
 from omegaconf import OmegaConf
 
 from dime_ds.ground.report import write_text
-
-log = logging.getLogger(__name__)
 
 REPORT_VERSION = 1
 SHEET_COLUMNS = 8  # images a group row shows: the kept one and up to 7 removed

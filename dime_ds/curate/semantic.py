@@ -38,15 +38,12 @@ two (SemDeDup used 50 000 buckets for LAION-440M).
 """
 from __future__ import annotations
 
-import logging
 from typing import Iterable, Iterator
 
 import numpy as np
 from tqdm import tqdm
 
 from dime_ds.ground.search import GPU_MAX_K, Rows, _to_gpus, flat_index
-
-log = logging.getLogger(__name__)
 
 CANDIDATE_SLACK = 1e-4  # faiss's float32 inner products err by far less; candidates are re-decided in float64
 Pairs = tuple[np.ndarray, np.ndarray]  # (nodes, the smallest node of their group), int64
