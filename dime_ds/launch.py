@@ -1,5 +1,5 @@
-"""`python -m dime_ds.launch [flags] stage=distill|curate|embed|match|eval [hydra overrides]`: submit one
-stage to SLURM through submitit (or run it on this machine with --local).
+"""`python -m dime_ds.launch [flags] stage=<name> [hydra overrides]`: submit one stage (distill, curate,
+semantic_balance, cluster, embed, match, eval) to SLURM through submitit (or run it on this machine with --local).
 
     python -m dime_ds.launch --nodes 8 stage=distill experiment=vitb32_from_vitl14
     python -m dime_ds.launch --dry-run --nodes 8 stage=distill experiment=vitb32_from_vitl14
@@ -38,6 +38,8 @@ log = logging.getLogger(__name__)
 STAGES: dict[str, tuple[str, tuple[str, ...]]] = {
     "distill": ("dime_ds.distill", ()),
     "curate": ("dime_ds.curate", ("stage=metaclip",)),
+    "semantic_balance": ("dime_ds.curate", ("stage=semantic_balance",)),
+    "cluster": ("dime_ds.curate", ("stage=cluster",)),
     "embed": ("dime_ds.match", ("stage=embed",)),
     "match": ("dime_ds.match", ("stage=match",)),
     "eval": ("dime_ds.eval", ()),

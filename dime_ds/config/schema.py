@@ -55,6 +55,9 @@ class DataConfig:
     shuffle_buffer: int = 1000
     augment: bool = True  # random resized crop + horizontal flip, as in the paper
     crop_scale_min: float = 0.5
+    # a keep list (one image key a line) or the semantic_balance stage's out dir (its keep.txt): the
+    # training image stream skips, and counts, the images not in it (no shard is rewritten)
+    keep: Optional[str] = None
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
 
 
@@ -155,7 +158,7 @@ class CurateConfig:
     and grounded: `python -m dime_ds.curate stage=metaclip`. Exactly one of t, target_size,
     tail_share sets the balancing threshold."""
 
-    stage: str = "metaclip"  # python -m dime_ds.curate stage=metaclip (the only method so far)
+    stage: str = "metaclip"  # python -m dime_ds.curate stage=metaclip | semantic_balance | cluster
     # true: the embed and match stages ground the curated pool <out_dir>/corpus instead of data.corpus
     enabled: bool = False
     metadata: Optional[str] = None  # entry list: MetaCLIP's metadata.json (a JSON list) or one entry a line
@@ -165,6 +168,22 @@ class CurateConfig:
     seed: int = 0  # the keep draw of a sentence hashes (seed, its key)
     out_dir: str = "${work_dir}/curated"
     top_entries: int = 30  # largest entries listed in the report
+
+
+@dataclass
+class BalanceConfig:
+    """CLIP-CID's image semantic balance (`python -m dime_ds.curate stage=semantic_balance`): images
+    whose teacher embeddings lie within cosine distance beta are joined (union-find); each group
+    keeps the image nearest its centroid. The paper's own beta is not public to us."""
+
+    beta: float = 0.1  # join i and j when 1 - cos(v_i, v_j) < beta (DanQing's value)
+    k: int = 64  # neighbours a query asks faiss for first; doubled for a query whose k-th is still within beta
+    max_k: int = 2048  # largest kNN k (faiss's GPU cap); a query past it is finished by a CPU range search
+    buckets: int = 0  # >0: spherical k-means buckets, pairs searched within a bucket only (SemDeDup; approximate)
+    block_size: int = 65536  # query rows searched at once, and rows of the base index held at once
+    seed: int = 0  # bucket k-means
+    out_dir: str = "${match.embed_dir}/balanced"  # keep.txt, report.md/json, component_sizes.png, removed_groups.png
+    groups_shown: int = 6  # removed groups drawn on the report's contact sheet
 
 
 @dataclass
@@ -259,6 +278,7 @@ class RootConfig:
     match: MatchConfig = field(default_factory=MatchConfig)
     embed: EmbedConfig = field(default_factory=EmbedConfig)
     curate: CurateConfig = field(default_factory=CurateConfig)
+    balance: BalanceConfig = field(default_factory=BalanceConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     slurm: SlurmConfig = field(default_factory=SlurmConfig)

@@ -24,7 +24,7 @@ CHOICES = {
     "dist.backend": ("auto", "nccl", "gloo"),
     "match.index": ("flat", "ivf"),
     "match.stage": ("embed", "match", "all"),
-    "curate.stage": ("metaclip",),
+    "curate.stage": ("metaclip", "semantic_balance", "cluster"),
     "embed.choice": ("random", "round_robin"),
     "eval.precision": ("auto", "bf16", "fp16", "fp32"),
 }
@@ -35,14 +35,15 @@ POSITIVE = (
     "loss.cluster_sample_rate", "optim.lr", "optim.steps",
     "optim.global_batch_size", "optim.grad_accum", "optim.eps", "log.every_n_steps",
     "ckpt.keep_last", "match.topk", "match.block_size", "match.batch_size", "eval.batch_size",
-    "eval.probe.max_iter", "curate.top_entries",
+    "eval.probe.max_iter", "curate.top_entries", "balance.beta", "balance.k", "balance.max_k",
+    "balance.block_size", "cluster.k", "cluster.niter",
     "data.synthetic.image_size", "data.synthetic.shard_size", "slurm.nodes", "embed.views",
 )
 NON_NEGATIVE = (
     "loss.w_vl", "loss.w_pvl", "loss.w_ud", "loss.w_cluster", "loss.w_instance", "loss.cluster_margin",
     "optim.weight_decay", "optim.warmup_steps",
     "optim.min_lr", "optim.grad_clip", "ckpt.every_n_steps", "eval.every_n_steps",
-    "data.workers", "eval.workers", "slurm.gpus_per_node", "embed.seed",
+    "data.workers", "eval.workers", "slurm.gpus_per_node", "embed.seed", "balance.buckets", "balance.groups_shown",
 )
 FRACTIONS = ("match.stop_ratio", "loss.cluster_sample_rate", "data.crop_scale_min", "data.synthetic.describing_fraction",
              "data.synthetic.second_object_p", "eval.probe.val_fraction", "eval.probe.test_fraction")

@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -308,7 +308,12 @@ class EmbeddingCache:
 
     def keys(self) -> list[str]:
         """Every key in row order (manifest shards, then keys.txt lines)."""
-        return [key for record in self.manifest["shards"] for key in _read_keys(self.directory, record)]
+        return [key for _, keys in self.shard_keys() for key in keys]
+
+    def shard_keys(self) -> Iterator[tuple[int, list[str]]]:
+        """(first row, keys) of each shard in turn: the keys without holding them all at once."""
+        for start, record in zip(self._starts.tolist(), self.manifest["shards"]):
+            yield start, _read_keys(self.directory, record)
 
     def rows(self, start: int, stop: int) -> np.ndarray:
         """Raw (float16, unprepared) rows [start, stop) across shard boundaries: a view of the memory

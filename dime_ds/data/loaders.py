@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import functools
 import logging
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Container, Mapping, Sequence
 
 import torch
 from torch.utils.data import DataLoader
@@ -34,7 +34,8 @@ class BatchStream:
     `dataset` is a ShardStream whose process returns one dict per sample (switched to with_meta).
 
     `skipped` counts the samples skipped in all consumed batches (across resumes); `last_skips` are
-    the records {"key", "source", "reason"} of those skipped while making the last batch.
+    the records {"key", "source", "reason"} of those skipped while making the last batch;
+    `not_kept` counts the samples a keep list (data.keep) left out on the way to them.
     """
 
     def __init__(self, dataset: ShardStream, batch_size: int, *, workers: int = 0,
@@ -48,7 +49,7 @@ class BatchStream:
         self.dataset, self.batch_size, self.workers = dataset, batch_size, workers
         self.pin_memory, self.prefetch_factor = pin_memory, prefetch_factor
         self._slots = max(1, workers)  # logical workers: 0 and 1 DataLoader workers are one stream
-        self._batches, self._skipped = 0, 0
+        self._batches, self._skipped, self._not_kept = 0, 0, 0
         self._cursors: list[tuple[int, int]] = [(0, 0)] * self._slots
         self.last_skips: list[dict] = []
         self._it = None
@@ -63,15 +64,20 @@ class BatchStream:
     def skipped(self) -> int:
         return self._skipped
 
+    @property
+    def not_kept(self) -> int:
+        return self._not_kept
+
     def _identity(self) -> dict:
         d = self.dataset
         return {"seed": d.seed, "salt": d.salt, "rank": d.rank, "world": d.world, "batch_size": self.batch_size,
                 "workers": self._slots, "shards": len(d.urls)}
 
     def state_dict(self) -> dict:
-        """JSON-serialisable: {"version", "batches", "skipped", "cursors": [[epoch, k] per worker], and
-        the settings a resume must share: seed, salt, rank, world, batch_size, workers, shards}."""
+        """JSON-serialisable: {"version", "batches", "skipped", "not_kept", "cursors": [[epoch, k] per
+        worker], and the settings a resume must share: seed, salt, rank, world, batch_size, workers, shards}."""
         return {"version": STATE_VERSION, "batches": self._batches, "skipped": self._skipped,
+                "not_kept": self._not_kept,
                 "cursors": [list(c) for c in self._cursors], **self._identity()}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -86,6 +92,7 @@ class BatchStream:
             raise ValueError(f"state has {len(cursors)} worker cursors, expected {self._slots}")
         self.close()
         self._batches, self._skipped, self._cursors = int(state["batches"]), int(state["skipped"]), cursors
+        self._not_kept = int(state.get("not_kept", 0))  # absent in states written before keep lists
         self.last_skips = []
 
     def _start(self):
@@ -114,6 +121,7 @@ class BatchStream:
         for record in self.last_skips:
             log.warning("skipped sample %s of %s: %s", record["key"], record["source"], record["reason"])
         self._skipped += len(self.last_skips)
+        self._not_kept += meta["not_kept"]
         self._batches += 1
         return batch
 
@@ -141,7 +149,7 @@ def collate_samples(items: Sequence[tuple[dict, dict]]) -> tuple[dict, dict]:
         values = [s[name] for s in samples]
         batch[name] = torch.stack(values) if isinstance(values[0], torch.Tensor) else values
     meta = {"worker": metas[-1]["worker"], "cursor": metas[-1]["cursor"],
-            "skips": [r for m in metas for r in m["skips"]]}
+            "skips": [r for m in metas for r in m["skips"]], "not_kept": sum(m.get("not_kept", 0) for m in metas)}
     return batch, meta
 
 
@@ -168,21 +176,22 @@ def _paired_sample(transform: Callable, tokenize: Callable, sample: dict) -> dic
 
 
 def _batches(urls, process, fields, batch_size, *, seed, rank, world, workers, shuffle_buffer, start,
-             salt, pin_memory) -> BatchStream:
+             salt, pin_memory, keep=None) -> BatchStream:
     dataset = ShardStream(urls, process, seed=seed, rank=rank, world=world, shuffle_buffer=shuffle_buffer,
-                          salt=salt, fields=fields, with_meta=True)
+                          salt=salt, fields=fields, with_meta=True, keep=keep)
     return BatchStream(dataset, batch_size, workers=workers, start=start, pin_memory=pin_memory)
 
 
 def image_batches(urls: Sequence[str], transform: Callable, batch_size: int, *, seed: int, rank: int = 0,
                   world: int = 1, workers: int = 0, shuffle_buffer: int = 1000,
                   start: Mapping[str, Any] | None = None, salt: str = "images",
-                  pin_memory: bool = False) -> BatchStream:
+                  pin_memory: bool = False, keep: Container[str] | None = None) -> BatchStream:
     """Unpaired images: {"images": FloatTensor[B, 3, H, W], "keys": list[str]}. A sample needs a
-    jpg/jpeg/png/webp member; its other members (captions, json) are never read."""
+    jpg/jpeg/png/webp member; its other members (captions, json) are never read. `keep` (a
+    data.keep.KeepList): only the images whose keys it holds."""
     return _batches(urls, functools.partial(_image_sample, transform), IMAGE_EXTS, batch_size, seed=seed,
                     rank=rank, world=world, workers=workers, shuffle_buffer=shuffle_buffer, start=start,
-                    salt=salt, pin_memory=pin_memory)
+                    salt=salt, pin_memory=pin_memory, keep=keep)
 
 
 def text_batches(urls: Sequence[str], tokenize: Callable | None, batch_size: int, *, seed: int, rank: int = 0,
@@ -209,9 +218,10 @@ def paired_batches(urls: Sequence[str], transform: Callable, tokenize: Callable,
 def view_batches(urls: Sequence[str], sampler: Callable[[dict], dict], batch_size: int, *, seed: int,
                  rank: int = 0, world: int = 1, workers: int = 0, shuffle_buffer: int = 1000,
                  start: Mapping[str, Any] | None = None, salt: str = "images",
-                 pin_memory: bool = False) -> BatchStream:
+                 pin_memory: bool = False, keep: Container[str] | None = None) -> BatchStream:
     """Unpaired images shown through K fixed views (a dime_ds.data.views.ViewSampler): {"images",
     "keys", "views": LongTensor[B] (each image's view), "view_params": IntTensor[B, 5]}. The view
-    derives from (key, epoch) and the epoch is in the cursor, so a resumed stream shows the same."""
+    derives from (key, epoch) and the epoch is in the cursor, so a resumed stream shows the same.
+    `keep` as for image_batches."""
     return _batches(urls, sampler, IMAGE_EXTS, batch_size, seed=seed, rank=rank, world=world, workers=workers,
-                    shuffle_buffer=shuffle_buffer, start=start, salt=salt, pin_memory=pin_memory)
+                    shuffle_buffer=shuffle_buffer, start=start, salt=salt, pin_memory=pin_memory, keep=keep)

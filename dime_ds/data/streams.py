@@ -16,8 +16,13 @@ handed to `process` carries its epoch ("epoch"), for choices made per (sample, e
 
 A bad sample (`SampleError`) is skipped and counted, never a crash. With `with_meta=True` every item
 comes as `(item, meta)`, meta = {"worker", "cursor" (after this item), "skips" (records of the
-samples skipped since the previous item)}: how positions and skip counts reach the main process
-through DataLoader workers (see `dime_ds.data.loaders.BatchStream`).
+samples skipped since the previous item), "not_kept" (samples left out by the keep list since the
+previous item)}: how positions and counts reach the main process through DataLoader workers (see
+`dime_ds.data.loaders.BatchStream`).
+
+A keep list (`keep`, data.keep: CLIP-CID's semantic balance) drops the samples whose key it lacks
+before the shuffle buffer, after the rank/worker split: the split and the shards stay as they were,
+a cursor counts kept samples only, and resume replays the same filter, so it stays exact.
 """
 from __future__ import annotations
 
@@ -25,7 +30,7 @@ import hashlib
 import logging
 import os
 import random
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import Any, Callable, Container, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -58,7 +63,7 @@ class ShardStream(IterableDataset):
 
     def __init__(self, urls: Sequence[str], process: Callable[[dict], Any], *, seed: int = 0,
                  rank: int = 0, world: int = 1, shuffle_buffer: int = 1000, salt: str = "",
-                 fields: Iterable[str] | None = None, with_meta: bool = False):
+                 fields: Iterable[str] | None = None, with_meta: bool = False, keep: Container[str] | None = None):
         super().__init__()
         if not urls:
             raise ValueError("ShardStream needs at least one shard")
@@ -76,6 +81,8 @@ class ShardStream(IterableDataset):
         self._salt = salt_id(salt)
         self.fields = None if fields is None else frozenset(fields)
         self.with_meta = with_meta
+        self.keep = keep
+        self.not_kept = 0  # samples the keep list left out, in iterators run in this process
         self.skipped = 0  # samples skipped by iterators run in this process
         self._start: list[Cursor] | None = None
         self._worker_offset = 0
@@ -100,9 +107,12 @@ class ShardStream(IterableDataset):
             picked, modulus, remainder = of_rank[worker::workers], 1, 0
         return [self.urls[i] for i in picked], modulus, remainder
 
-    def _raw(self, shards: list[str], modulus: int, remainder: int) -> Iterator[dict]:
+    def _raw(self, shards: list[str], modulus: int, remainder: int, dropped: list[int]) -> Iterator[dict]:
         for i, raw in enumerate(iter_tar_samples(shards)):
             if i % modulus == remainder:
+                if self.keep is not None and raw.get("__key__") not in self.keep:
+                    dropped[0] += 1
+                    continue
                 if self.fields is not None:
                     raw = {k: v for k, v in raw.items() if k in self.fields or k in _SAMPLE_META}
                 yield raw
@@ -125,15 +135,17 @@ class ShardStream(IterableDataset):
         """The stream of logical worker `worker` of `workers`, from `cursor` (what __iter__ runs)."""
         epoch, offset = cursor
         pending: list[dict] = []  # skips since the last item, sent with the next one
+        dropped = [0]  # samples the keep list left out since the last item (or resume position)
         while True:
             shards, modulus, remainder = self.worker_shards(epoch, worker, workers)
             rng = np.random.default_rng([self.seed, self._salt, epoch, self.rank, worker])
             n_raw = n_good = 0
             last_reason = ""
-            for position, (raw, last) in enumerate(_shuffled(self._raw(shards, modulus, remainder),
+            for position, (raw, last) in enumerate(_shuffled(self._raw(shards, modulus, remainder, dropped),
                                                              self.shuffle_buffer, rng)):
                 n_raw += 1
-                if position < offset:  # consumed before the resume: never decoded
+                if position < offset:  # consumed before the resume: never decoded, its drops counted then
+                    dropped[0] = 0
                     continue
                 try:
                     item = self._process(raw, epoch, worker, position)
@@ -148,16 +160,20 @@ class ShardStream(IterableDataset):
                                     self.skipped)
                     continue
                 n_good += 1
+                self.not_kept += dropped[0]
                 if self.with_meta:
                     after = (epoch + 1, 0) if last else (epoch, position + 1)
-                    yield item, {"worker": worker, "cursor": after, "skips": pending}
+                    yield item, {"worker": worker, "cursor": after, "skips": pending, "not_kept": dropped[0]}
                     pending = []
+                    dropped[0] = 0
                 else:
+                    dropped[0] = 0
                     yield item
             where = (f"rank {self.rank}/{self.world} worker {worker}/{workers}, epoch {epoch}, "
                      f"shards {_names(shards)}" + (f" (every {modulus}-th sample)" if modulus > 1 else ""))
             if n_raw == 0:
-                raise RuntimeError(f"stream {self.salt!r}: {where} hold no sample: an epoch would never end")
+                kept = " kept by the keep list" if self.keep is not None else ""
+                raise RuntimeError(f"stream {self.salt!r}: {where} hold no sample{kept}: an epoch would never end")
             if 0 < n_raw <= offset:
                 raise RuntimeError(f"stream {self.salt!r}: resume cursor ({epoch}, {offset}) is past the "
                                    f"{n_raw} samples of {where}: the state belongs to other shards or settings")

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from dime_ds.config.schema import ClusterConfig, DataConfig, LossConfig, RootConfig, TeacherConfig
+from dime_ds.data.keep import KeepList
 from dime_ds.data.loaders import BatchStream, image_batches, text_batches, view_batches
 from dime_ds.data.pipelines import image_transform, preprocess_size
 from dime_ds.data.shards import list_shards
@@ -62,16 +63,17 @@ class DimeObjective(Objective):
         self.student_tokenize = student_tokenizer(student) if student.has_text else None
         common = dict(seed=ctx.seed, rank=ctx.world.rank, world=ctx.world.world_size, workers=data.workers,
                       shuffle_buffer=data.shuffle_buffer)
+        keep = KeepList(data.keep) if data.keep else None  # CLIP-CID's semantic balance: kept images only
         if self.views is not None:  # a cache's views come with their parameters; a live teacher's are drawn
             sampler = ViewSampler(self.views, self._stream_preprocess(), seed=ctx.seed, choice=self.view_choice,
                                   augment=data.augment, cache=None if self.teacher.live else self.teacher.images)
             self.images = view_batches(list_shards(data.images), sampler, ctx.micro_batch,
-                                       start=state.get("images"), **common)
+                                       start=state.get("images"), keep=keep, **common)
         else:
             transform = image_transform(self._stream_preprocess(), train=data.augment,
                                         crop_scale_min=data.crop_scale_min)
             self.images = image_batches(list_shards(data.images), transform, ctx.micro_batch,
-                                        start=state.get("images"), **common)
+                                        start=state.get("images"), keep=keep, **common)
         tokenize = self.teacher.tokenizer or self.student_tokenize  # None: keys are all the cache needs
         self.texts = text_batches(list_shards(data.texts), tokenize, ctx.micro_batch, start=state.get("texts"), **common)
         if self.cid is not None:
@@ -88,7 +90,10 @@ class DimeObjective(Objective):
         return state
 
     def skipped(self) -> dict[str, int]:
-        return {"images": self.images.skipped, "texts": self.texts.skipped}
+        counts = {"images": self.images.skipped, "texts": self.texts.skipped}
+        if self.data_cfg.keep:
+            counts["images_not_kept"] = self.images.not_kept
+        return counts
 
     def next_batch(self) -> dict:
         """The streams' batches plus the student's own inputs, prepared once: with accumulation the

@@ -50,6 +50,8 @@ def test_checkpoint_resubmits_with_resume_latest():
     assert again.overrides == ["experiment=demo", RESUME]
     assert StageJob("match", []).argv() == ["stage=match"]
     assert StageJob("curate", ["curate.t=5"]).argv() == ["stage=metaclip", "curate.t=5"]
+    assert StageJob("semantic_balance", ["balance.beta=0.2"]).argv() == ["stage=semantic_balance", "balance.beta=0.2"]
+    assert StageJob("cluster", []).argv() == ["stage=cluster"]
 
 
 def test_dry_run_curate_stage(tmp_path):
