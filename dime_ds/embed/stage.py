@@ -8,7 +8,10 @@ i % world_size into `shard-{i:06d}` (the same name whatever the world size). Bes
 `.keys.txt`, each finished shard gets a sidecar `shard-{i:06d}.record.json` ({"modality", "model",
 "shard": the write_embedding_shard record, "skipped": its bad samples}), written atomically after
 the shard's files: a shard whose sidecar names the same model and the same source checksum is not
-recomputed, with or without a manifest (a killed run's finished shards survive). When every rank is
+recomputed, with or without a manifest (a killed run's finished shards survive). A damaged input
+shard (see `iter_tar_samples`) is embedded as far as it can be read and its record marked
+`"partial": true` with `"damaged": {"reason", "samples"}`: it never counts as finished, so every
+later run reads it again (and a repaired one, a new checksum, is embedded whole). When every rank is
 done, rank 0 gathers the sidecars in shard order and writes manifest.json last."""
 from __future__ import annotations
 
@@ -22,7 +25,7 @@ import torch
 from tqdm import tqdm
 
 from dime_ds.data.embeddings import MANIFEST, atomic_write, write_embedding_shard, write_manifest
-from dime_ds.data.pipelines import SampleError, decode_sample, image_transform, iter_tar_samples
+from dime_ds.data.pipelines import DamagedShardError, SampleError, decode_sample, image_transform, iter_tar_samples
 from dime_ds.data.shards import sha256_file
 from dime_ds.distributed.stage import StageContext, agreed, on_main, stage
 from dime_ds.models import Teacher
@@ -68,8 +71,8 @@ def finished_record(out_dir: str | Path, name: str, url: str, checksum: str, mod
     except (FileNotFoundError, ValueError):
         return None
     shard = record.get("shard") or {}
-    if (record.get("modality"), record.get("model"), shard.get("name"), shard.get("source_sha256")) \
-            != (modality, str(model_name), name, checksum) or not _files_ok(out_dir, name, int(shard.get("count", -1))):
+    if shard.get("partial") or (record.get("modality"), record.get("model"), shard.get("name"),
+                                shard.get("source_sha256")) != (modality, str(model_name), name, checksum) or not _files_ok(out_dir, name, int(shard.get("count", -1))):
         return None
     if shard.get("source") != str(url):  # the same bytes, moved: keep the embeddings, name the new place
         shard = dict(shard, source=str(url))
@@ -85,7 +88,10 @@ def embed_shard(teacher: Teacher, url: str, out_dir: str | Path, name: str, moda
     if modality not in MODALITIES:
         raise ValueError(f"modality must be images or texts, not {modality!r}")
     out_dir = Path(out_dir)
-    checksum = sha256_file(url)
+    try:
+        checksum = sha256_file(url)
+    except OSError:  # missing since it was listed, unreadable: the reader below says how, as a damaged shard
+        checksum = None
     done = finished_record(out_dir, name, url, checksum, modality, model_name)
     if done is not None:
         return done, False
@@ -95,13 +101,16 @@ def embed_shard(teacher: Teacher, url: str, out_dir: str | Path, name: str, moda
     _record_path(out_dir, name).unlink(missing_ok=True)
     if transform is None and modality == "images":
         transform = image_transform(teacher.preprocess_cfg, train=False)
-    keys, chunks, batch, skipped = [], [], [], []
+    keys, chunks, batch, skipped, damaged = [], [], [], [], None
     for raw in iter_tar_samples([url]):
         try:
             sample = decode_sample(raw)
             item = transform(sample["image"]) if modality == "images" else sample["text"]
         except (SampleError, KeyError) as err:
-            skipped.append({"key": raw.get("__key__"), "source": str(url), "reason": str(err)})
+            if isinstance(err, DamagedShardError):
+                damaged = {"reason": err.reason, "samples": err.samples}
+            if raw.get("__key__") is not None:  # None: an unreadable shard, no sample of it begun
+                skipped.append({"key": raw.get("__key__"), "source": str(url), "reason": str(err)})
             continue
         keys.append(sample["key"])
         batch.append(item)
@@ -110,9 +119,14 @@ def embed_shard(teacher: Teacher, url: str, out_dir: str | Path, name: str, moda
             batch = []
     if batch:
         chunks.append(_encode(teacher, modality, batch))
-    if not keys:
+    if not keys and damaged is None:
         raise RuntimeError(f"{url}: no {modality[:-1]} could be decoded")
-    shard = write_embedding_shard(out_dir, name, keys, np.concatenate(chunks), url, checksum)
+    embedded = np.concatenate(chunks) if chunks else np.zeros((0, teacher.embed_dim), np.float32)
+    shard = write_embedding_shard(out_dir, name, keys, embedded, url, checksum)
+    if damaged is not None:  # what was read is used; the shard is read again by the next run
+        shard.update(partial=True, damaged=damaged)
+        log.warning("embedding %s: the shard is damaged (%s): %d %s embedded, marked partial", url,
+                    damaged["reason"], len(keys), modality)
     record = {"modality": modality, "model": str(model_name), "shard": shard, "skipped": skipped}
     _write_json_atomic(_record_path(out_dir, name), record)  # last: the shard is finished
     return record, True
@@ -123,7 +137,7 @@ def _embed_rank_shards(teacher: Teacher, urls: Sequence[str], out_dir: Path, mod
     """Embed the input shards i with i % world == rank; returns counts for the log."""
     mine = [i for i in range(len(urls)) if i % world == rank]
     transform = image_transform(teacher.preprocess_cfg, train=False) if modality == "images" else None
-    stats = {"shards": len(mine), "computed": 0, "samples": 0}
+    stats = {"shards": len(mine), "computed": 0, "samples": 0, "damaged": 0}
     bar = tqdm(mine, desc=f"rank {rank} embed {modality}", position=rank, disable=not progress, leave=True,
                unit="shard")
     for i in bar:
@@ -131,6 +145,7 @@ def _embed_rank_shards(teacher: Teacher, urls: Sequence[str], out_dir: Path, mod
                                        transform)
         stats["computed"] += computed
         stats["samples"] += record["shard"]["count"]
+        stats["damaged"] += bool(record["shard"].get("partial"))
         bar.set_postfix(samples=stats["samples"], refresh=False)
     bar.close()
     return stats
@@ -190,12 +205,16 @@ def _embed_modality(ctx: StageContext, teacher: Teacher, model: str, spec: str, 
                  ctx.world_size)
     stats = agreed(_embed_rank_shards, teacher, urls, out_dir, modality, model, match_cfg.batch_size, ctx.rank,
                    ctx.world_size, progress, what=f"embedding {modality}")
-    log.info("rank %d: %s: %d shard(s), %d computed, %d skipped as finished, %d embeddings", ctx.rank, modality,
-             stats["shards"], stats["computed"], stats["shards"] - stats["computed"], stats["samples"])
+    log.info("rank %d: %s: %d shard(s), %d computed, %d skipped as finished, %d embeddings, %d damaged", ctx.rank,
+             modality, stats["shards"], stats["computed"], stats["shards"] - stats["computed"], stats["samples"],
+             stats["damaged"])
     manifest = on_main(_write_stage_manifest, urls, out_dir, modality, model,
                        what=f"writing the {modality} manifest")
     if ctx.is_main:
-        log.info("%s: %d embeddings, %d skipped", modality, manifest["count"], len(manifest["skipped"]))
+        damaged = [s for s in manifest["shards"] if s.get("partial")]
+        log.info("%s: %d embeddings, %d skipped, %d damaged shard(s)%s", modality, manifest["count"],
+                 len(manifest["skipped"]), len(damaged),
+                 "".join(f"\n  {s['source']}: {s['damaged']['reason']}" for s in damaged))
     return manifest
 
 
