@@ -12,7 +12,7 @@ from typing import Callable, Iterator
 import torch
 from PIL import Image
 
-from dime_ds.data.pipelines import IMAGE_EXTS, SampleError, decode_sample, iter_tar_samples
+from dime_ds.data.pipelines import IMAGE_EXTS, DamagedShardError, SampleError, decode_sample, iter_tar_samples
 from dime_ds.data.shards import list_shards
 from dime_ds.errors import UserError
 
@@ -120,6 +120,16 @@ def with_class_names(split: EvalSplit, classnames: list[str]) -> EvalSplit:
     return replace(split, files=[(path, label_of[old]) for path, old in split.files], num_classes=len(classnames))
 
 
+# How a damaged shard shows among a split's skip messages (one per shard and reader).
+DAMAGED_SHARD = "damaged shard "
+
+
+def count_skips(messages: list[str]) -> tuple[int, list[str]]:
+    """(samples skipped, the damaged shards' messages, one per shard) of a split's skip messages."""
+    damaged = sorted({m for m in messages if m.startswith(DAMAGED_SHARD)})
+    return sum(not m.startswith(DAMAGED_SHARD) for m in messages), damaged
+
+
 def iter_samples(split: EvalSplit, shard_mine: Callable[[int], bool], sample_mine: Callable[[int], bool],
                  skipped: list) -> Iterator[dict]:
     """Decoded samples {key, image, label?, captions?} of the shards `shard_mine(shard index)` keeps
@@ -148,6 +158,11 @@ def iter_samples(split: EvalSplit, shard_mine: Callable[[int], bool], sample_min
                 sample = decode_sample(raw)
                 if "image" not in sample:
                     raise SampleError(f"sample {raw.get('__key__')} in {url}: no image")
+            except DamagedShardError as err:
+                skipped.append(f"{DAMAGED_SHARD}{url}: {err.reason} ({err.samples} samples read)")
+                if err.key is not None:  # the sample the damage hit is lost too
+                    skipped.append(str(err))
+                continue
             except SampleError as err:
                 skipped.append(str(err))
                 continue

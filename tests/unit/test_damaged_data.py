@@ -222,3 +222,26 @@ def test_text_stream_skips_bad_sentences_and_counts_long_ones_as_truncated(tmp_p
             row = b["tokens"][b["keys"].index("t07")]
             assert torch.equal(row, tokenizer([("word " * 50)])[0])  # cut as open_clip cuts it
             assert int(row[-1]) == tokenizer.eot_token_id
+
+
+def test_eval_reports_damaged_shards_and_goes_on_with_the_others(tmp_path):
+    from omegaconf import OmegaConf
+
+    from dime_ds.config.schema import EvalConfig, EvalDatasetConfig
+    from dime_ds.eval.report import write_report
+    from dime_ds.eval.suite import evaluate_suite
+    from tests.eval_fixtures import colour_encoder
+
+    paths = _shards(tmp_path / "set", 3, 4)
+    open(paths[0], "wb").write(b"\x01" * 4096)  # garbled from its first byte
+    data = open(paths[2], "rb").read()
+    open(paths[2], "wb").write(data[: len(data) // 2])
+    cfg = OmegaConf.structured(EvalConfig(batch_size=2, workers=0))
+    cfg.datasets["hurt"] = EvalDatasetConfig(path=str(tmp_path / "set"), task="retrieval")
+    res = evaluate_suite(colour_encoder(), cfg, progress=False)["hurt"]
+    read = len(list(iter_tar_samples([paths[2]]))) - 1  # the whole ones before the cut one
+    assert res["images"] == 4 + read and res["skipped"] == 1  # shard 1 whole; the sample the cut hit
+    assert [m.split(":")[0] for m in res["damaged_shards"]] == [f"damaged shard {paths[0]}", f"damaged shard {paths[2]}"]
+    assert "garbled" in res["damaged_shards"][0] and "truncated at byte" in res["damaged_shards"][1]
+    _, path = write_report(tmp_path / "out", "suite", {"student": {"hurt": res}}, {"student": {}})
+    assert f"hurt: damaged shard {paths[2]}: truncated at byte" in path.with_suffix(".md").read_text()
