@@ -105,6 +105,14 @@ def test_soak_kill_and_resume_over_damaged_data(tmp_path, tiny_world, tiny_teach
     # One truncated shard per stream, read by one rank or, over the epochs, by both.
     assert skipped > 0 and all(1 <= damaged[0][m] + damaged[1][m] <= 2 for m in range(2))
 
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tmp_path / "clean" / "runs" / "demo" / "tensorboard"))
+    events.Reload()
+    assert events.Scalars("data/damaged_shards")[-1].value == sum(map(sum, damaged.values()))  # over ranks
+    assert events.Scalars("data/skipped_images")[-1].value == sum(s["skipped"]["images"] for s in clean)
+    assert events.Scalars("data/truncated_texts")[-1].value == 0  # short sentences only
+
     a = load_file(str(tmp_path / "clean" / "runs" / "demo" / "final" / "student.safetensors"))
     b = load_file(str(work / "runs" / "demo" / "final" / "student.safetensors"))
     max_diff = max(float((a[k] - b[k]).abs().max()) for k in a)
@@ -113,3 +121,16 @@ def test_soak_kill_and_resume_over_damaged_data(tmp_path, tiny_world, tiny_teach
           f"{[[s['skipped']['images'], s['skipped']['texts']] for s in clean]}), damaged shards per rank "
           f"images/texts {damaged}, max weight difference vs uninterrupted {max_diff:g}")
     assert max_diff == 0.0
+
+
+def test_a_training_stream_with_only_unreadable_shards_stops_naming_them(tmp_path, tiny_world, tiny_teacher_dir):
+    texts = tmp_path / "texts"
+    texts.mkdir()
+    for i in range(2):
+        (texts / f"t-{i:06d}.tar").write_bytes(b"\x01 not a tar" * 100)
+    overrides = engine_overrides(tmp_path / "work", tiny_world, tiny_teacher_dir, f"data.texts={texts}")
+    with pytest.raises(RankError) as err:
+        run_ranks(_train, 1, overrides, timeout=120)
+    shown = str(err.value)
+    assert "AllShardsDamagedError" in shown and "no sample could be used" in shown
+    assert all(str(texts / f"t-{i:06d}.tar") in shown for i in range(2))
