@@ -10,9 +10,9 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 import torch
-from PIL import Image
 
-from dime_ds.data.pipelines import IMAGE_EXTS, DamagedShardError, SampleError, decode_sample, iter_tar_samples
+from dime_ds.data.pipelines import (IMAGE_EXTS, DamagedShardError, SampleError, decode_image, decode_sample,
+                                    iter_tar_samples)
 from dime_ds.data.shards import list_shards
 from dime_ds.errors import UserError
 
@@ -140,10 +140,11 @@ def iter_samples(split: EvalSplit, shard_mine: Callable[[int], bool], sample_min
             if not sample_mine(i):
                 continue
             try:
-                with Image.open(path) as img:
-                    yield {"key": (i,), "image": img.convert("RGB"), "label": label}
+                image = decode_image(Path(path).read_bytes())  # bombs refused, any mode RGB, EXIF upright
             except Exception as err:  # a corrupt file is one skipped sample, not a failed evaluation
                 skipped.append(f"{path}: {type(err).__name__}: {err}")
+                continue
+            yield {"key": (i,), "image": image, "label": label}
         return
     counter = 0
     for s, url in enumerate(split.shards):
