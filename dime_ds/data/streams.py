@@ -34,7 +34,8 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from dime_ds.data.pipelines import SAMPLE_META, DamagedShardError, SampleError, damage_record, decode_sample, iter_tar_samples
+from dime_ds.data.pipelines import (SAMPLE_META, DamagedShardError, SampleError, damage_record, decode_sample,
+                                    iter_tar_samples)
 from dime_ds.errors import UserError
 
 log = logging.getLogger(__name__)

@@ -71,8 +71,9 @@ def finished_record(out_dir: str | Path, name: str, url: str, checksum: str, mod
     except (FileNotFoundError, ValueError):
         return None
     shard = record.get("shard") or {}
-    if shard.get("partial") or (record.get("modality"), record.get("model"), shard.get("name"),
-                                shard.get("source_sha256")) != (modality, str(model_name), name, checksum) or not _files_ok(out_dir, name, int(shard.get("count", -1))):
+    mine = (record.get("modality"), record.get("model"), shard.get("name"), shard.get("source_sha256")) \
+        == (modality, str(model_name), name, checksum)
+    if shard.get("partial") or not mine or not _files_ok(out_dir, name, int(shard.get("count", -1))):
         return None
     if shard.get("source") != str(url):  # the same bytes, moved: keep the embeddings, name the new place
         shard = dict(shard, source=str(url))

@@ -70,7 +70,8 @@ def _markdown(report: dict) -> str:
     if damaged:  # before the rounds: what the match could not see
         at = lines.index("## Rounds")
         lines[at:at] = ["## Damaged input shards (used as far as readable)", "",
-                        *[f"- {m}: `{d['source']}`: {d['reason']}, {d['samples']} samples read" for m, d in damaged], ""]
+                        *[f"- {m}: `{d['source']}`: {d['reason']}, {d['samples']} samples read"
+                          for m, d in damaged], ""]
     for row in r["per_round"]:
         lines.append(f"| {row['round']} | {row['remaining_before']} | {row['matched']} | "
                      f"{100 * row['matched'] / max(row['remaining_before'], 1):.1f} % |")

@@ -27,7 +27,8 @@ from tqdm import tqdm
 from dime_ds.data.embeddings import EmbeddingCache, open_image_text_caches
 from dime_ds.distributed.stage import StageContext, agreed, gather_to_main, on_main, stage
 from dime_ds.ground.corpus import write_grounded_corpus
-from dime_ds.ground.report import REPORT_VERSION, build_report, damaged_shards, example_rows, kept_similarities, write_report, write_text
+from dime_ds.ground.report import (REPORT_VERSION, build_report, damaged_shards, example_rows, kept_similarities,
+                                   write_report, write_text)
 
 if TYPE_CHECKING:
     from dime_ds.config.schema import MatchConfig, RootConfig

@@ -93,7 +93,8 @@ def test_unopenable_and_unreadable_shards_are_counted_and_training_goes_on(tmp_p
         monkeypatch.setattr(gopen_module, "gopen", refusing)
     else:
         eio = _eio_after(3000)  # inside the second sample
-        monkeypatch.setattr(gopen_module, "gopen", lambda url, *a, **kw: eio(url) if url == paths[1] else real(url, *a, **kw))
+        monkeypatch.setattr(gopen_module, "gopen",
+                            lambda url, *a, **kw: eio(url) if url == paths[1] else real(url, *a, **kw))
     transform = lambda im: torch.from_numpy(np.asarray(im, dtype=np.float32)).permute(2, 0, 1)  # noqa: E731
     stream = image_batches(paths, transform, 2, seed=0, shuffle_buffer=1)
     keys = [k for batch in itertools.islice(stream, 10) for k in batch["keys"]]  # 20 samples: past one epoch
@@ -241,7 +242,7 @@ def test_eval_reports_damaged_shards_and_goes_on_with_the_others(tmp_path):
     res = evaluate_suite(colour_encoder(), cfg, progress=False)["hurt"]
     read = len(list(iter_tar_samples([paths[2]]))) - 1  # the whole ones before the cut one
     assert res["images"] == 4 + read and res["skipped"] == 1  # shard 1 whole; the sample the cut hit
-    assert [m.split(":")[0] for m in res["damaged_shards"]] == [f"damaged shard {paths[0]}", f"damaged shard {paths[2]}"]
+    assert [m.split(":")[0] for m in res["damaged_shards"]] == [f"damaged shard {p}" for p in (paths[0], paths[2])]
     assert "garbled" in res["damaged_shards"][0] and "truncated at byte" in res["damaged_shards"][1]
     _, path = write_report(tmp_path / "out", "suite", {"student": {"hurt": res}}, {"student": {}})
     assert f"hurt: damaged shard {paths[2]}: truncated at byte" in path.with_suffix(".md").read_text()
