@@ -106,6 +106,9 @@ class DistConfig:
     backend: str = "auto"  # auto: nccl on GPUs, gloo on CPU | nccl | gloo
     ds_config: str = "zero1"  # a name in ds_configs/ or a path to a DeepSpeed JSON (engine knobs only)
     timeout_min: int = 30
+    # Training: a rank whose heartbeat stops this long is taken as dead and the others end (status 3,
+    # requeued, resumed from latest) instead of waiting timeout_min in a collective; 0 = no heartbeats.
+    dead_rank_s: float = 60.0
 
 
 @dataclass

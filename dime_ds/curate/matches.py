@@ -19,7 +19,7 @@ import numpy as np
 
 from dime_ds.curate.metaclip import Matcher, to_csr
 from dime_ds.data.embeddings import atomic_write
-from dime_ds.data.pipelines import SampleError, decode_sample, iter_tar_samples
+from dime_ds.data.pipelines import SAMPLE_META, SampleError, decode_sample, iter_tar_samples
 from dime_ds.data.shards import sha256_file
 
 
@@ -75,7 +75,7 @@ def match_shard(matcher: Matcher, directory: str | Path, index: int, source: str
     keys, matched, skipped, sentences = [], [], [], 0
     for raw in iter_tar_samples([source]):
         try:
-            sample = decode_sample({k: v for k, v in raw.items() if k in ("__key__", "__url__", "__truncated__", "txt")})
+            sample = decode_sample({k: v for k, v in raw.items() if k in SAMPLE_META or k == "txt"})
             text = sample["text"]
         except SampleError as err:
             skipped.append({"key": raw.get("__key__"), "reason": str(err)})

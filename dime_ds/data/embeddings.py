@@ -9,7 +9,8 @@ One modality directory (e.g. `<embed_dir>/images/`) holds, per input shard `name
 - `{name}.keys.txt`  the sample keys, one a line, in row order;
 and `manifest.json`: {"format_version", "modality", "model", "dim", "dtype": "float16", "normalized",
 "count", "views": K, "recipe": null or the view recipe {"name", "version", ...}, "view_seed",
-"shards": [{"name", "source", "source_sha256", "count"}], "skipped": [{"key", "source", "reason"}]}.
+"shards": [{"name", "source", "source_sha256", "count", and for a damaged source "partial": true,
+"damaged": {"reason", "samples"}}], "skipped": [{"key", "source", "reason"}]}.
 Format 1 (before views) lacks views/recipe/view_seed and reads as K=1. Every file is written under a
 temporary name and renamed; the manifest is written last and only after its shards are checked, so
 a directory with a manifest is a complete cache.
@@ -172,7 +173,10 @@ def write_manifest(directory: str | os.PathLike, *, modality: str, model: str, s
         "views": int(views), "recipe": None if recipe is None else dict(recipe),
         "view_seed": None if view_seed is None else int(view_seed),
         "shards": [{"name": r["name"], "source": str(r["source"]), "source_sha256": r["source_sha256"],
-                    "count": int(r["count"])} for r in shards],
+                    "count": int(r["count"]),
+                    # a damaged source: embedded as far as readable, redone by the next embed run
+                    **({"partial": True, "damaged": dict(r["damaged"])} if r.get("partial") else {})}
+                   for r in shards],
         "skipped": [{"key": s["key"], "source": s["source"], "reason": s["reason"]} for s in skipped],
     }
     atomic_write(directory / MANIFEST, lambda f: f.write((json.dumps(manifest, indent=1) + "\n").encode("utf-8")))

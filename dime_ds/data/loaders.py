@@ -36,6 +36,8 @@ class BatchStream:
     `skipped` counts the samples skipped in all consumed batches (across resumes); `last_skips` are
     the records {"key", "source", "reason"} of those skipped while making the last batch;
     `not_kept` counts the samples a keep list (data.keep) left out on the way to them.
+    `damaged` holds the damaged shards met so far ({shard: {"shard", "reason", "samples"}}, across
+    resumes); `truncated` counts the sentences cut to the tokenizer's context (used, not skipped).
     """
 
     def __init__(self, dataset: ShardStream, batch_size: int, *, workers: int = 0,
@@ -49,12 +51,17 @@ class BatchStream:
         self.dataset, self.batch_size, self.workers = dataset, batch_size, workers
         self.pin_memory, self.prefetch_factor = pin_memory, prefetch_factor
         self._slots = max(1, workers)  # logical workers: 0 and 1 DataLoader workers are one stream
-        self._batches, self._skipped, self._not_kept = 0, 0, 0
+        self._batches, self._skipped, self._not_kept, self._truncated = 0, 0, 0, 0
+        self.damaged: dict[str, dict] = {}
         self._cursors: list[tuple[int, int]] = [(0, 0)] * self._slots
         self.last_skips: list[dict] = []
         self._it = None
         if start is not None:
             self.load_state_dict(start)
+
+    @property
+    def truncated(self) -> int:
+        return self._truncated
 
     @property
     def batches(self) -> int:
@@ -74,10 +81,11 @@ class BatchStream:
                 "workers": self._slots, "shards": len(d.urls)}
 
     def state_dict(self) -> dict:
-        """JSON-serialisable: {"version", "batches", "skipped", "not_kept", "cursors": [[epoch, k] per
-        worker], and the settings a resume must share: seed, salt, rank, world, batch_size, workers, shards}."""
+        """JSON-serialisable: {"version", "batches", "skipped", "not_kept", "truncated", "damaged",
+        "cursors": [[epoch, k] per worker], and the settings a resume must share: seed, salt, rank,
+        world, batch_size, workers, shards}."""
         return {"version": STATE_VERSION, "batches": self._batches, "skipped": self._skipped,
-                "not_kept": self._not_kept,
+                "not_kept": self._not_kept, "truncated": self._truncated, "damaged": dict(self.damaged),
                 "cursors": [list(c) for c in self._cursors], **self._identity()}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -93,6 +101,8 @@ class BatchStream:
         self.close()
         self._batches, self._skipped, self._cursors = int(state["batches"]), int(state["skipped"]), cursors
         self._not_kept = int(state.get("not_kept", 0))  # absent in states written before keep lists
+        # Absent from states written before damaged shards and truncated sentences were counted.
+        self._truncated, self.damaged = int(state.get("truncated", 0)), dict(state.get("damaged", {}))
         self.last_skips = []
 
     def _start(self):
@@ -119,9 +129,16 @@ class BatchStream:
         self._cursors[worker] = tuple(meta["cursor"])
         self.last_skips = meta["skips"]
         for record in self.last_skips:
-            log.warning("skipped sample %s of %s: %s", record["key"], record["source"], record["reason"])
-        self._skipped += len(self.last_skips)
+            damage = record.get("damaged")
+            if damage is not None and damage["shard"] not in self.damaged:
+                self.damaged[damage["shard"]] = damage
+                log.warning("damaged shard %s: %s; %d samples read from it (%d damaged shards so far)",
+                            damage["shard"], damage["reason"], damage["samples"], len(self.damaged))
+            if record["key"] is not None:  # None: a shard that could not be read at all, no sample lost
+                log.warning("skipped sample %s of %s: %s", record["key"], record["source"], record["reason"])
+                self._skipped += 1
         self._not_kept += meta["not_kept"]
+        self._truncated += sum(batch.pop("truncated", ()))
         self._batches += 1
         return batch
 
@@ -159,20 +176,31 @@ def _image_sample(transform: Callable, sample: dict) -> dict:
     return {"images": transform(sample["image"]), "keys": sample["key"]}
 
 
+def overflows_context(tokenize: Callable, text: str) -> bool:
+    """Whether open_clip's tokenizer cuts `text` to its context (start and end tokens around the BPE
+    ids); False for tokenizers that say nothing of their length (Hugging Face ones truncate too)."""
+    encode, context = getattr(tokenize, "encode", None), getattr(tokenize, "context_length", None)
+    if encode is None or not context or getattr(tokenize, "reduction_fn", None) is not None:
+        return False
+    return len(encode(text)) + 2 > context
+
+
 def _text_sample(tokenize: Callable | None, sample: dict) -> dict:
     if "text" not in sample:
         raise SampleError(f"sample {sample['key']} in {sample['url']} has no txt member")
     if tokenize is None:  # cached teacher text embeddings and no student text tower: keys suffice
         return {"texts": sample["text"], "keys": sample["key"]}
     tokens = torch.as_tensor(tokenize([sample["text"]])[0], dtype=torch.long)
-    return {"tokens": tokens, "texts": sample["text"], "keys": sample["key"]}
+    return {"tokens": tokens, "texts": sample["text"], "keys": sample["key"],
+            "truncated": overflows_context(tokenize, sample["text"])}
 
 
 def _paired_sample(transform: Callable, tokenize: Callable, sample: dict) -> dict:
     if "image" not in sample or "text" not in sample:
         raise SampleError(f"sample {sample['key']} in {sample['url']} lacks an image or a caption")
     tokens = torch.as_tensor(tokenize([sample["text"]])[0], dtype=torch.long)
-    return {"images": transform(sample["image"]), "tokens": tokens, "keys": sample["key"]}
+    return {"images": transform(sample["image"]), "tokens": tokens, "keys": sample["key"],
+            "truncated": overflows_context(tokenize, sample["text"])}
 
 
 def _batches(urls, process, fields, batch_size, *, seed, rank, world, workers, shuffle_buffer, start,

@@ -14,15 +14,20 @@ augmentation of the sample at position k is drawn with torch's CPU generator (an
 else: not on timing, on the process it runs in, or on the caller's RNG. The decoded sample
 handed to `process` carries its epoch ("epoch"), for choices made per (sample, epoch).
 
-A bad sample (`SampleError`) is skipped and counted, never a crash. With `with_meta=True` every item
-comes as `(item, meta)`, meta = {"worker", "cursor" (after this item), "skips" (records of the
+A bad sample (`SampleError`) is skipped and counted, never a crash. A damaged shard is read as far
+as it can be and its marker (see `iter_tar_samples`) skipped: counted as a skipped sample when the
+damage hit one, and recorded as a damaged shard (a skip record with "damaged": {"shard", "reason",
+"samples"}). A worker whose epoch yields nothing because its shards are damaged raises
+AllShardsDamagedError naming them, instead of looping over empty epochs. With `with_meta=True` every
+item comes as `(item, meta)`, meta = {"worker", "cursor" (after this item), "skips" (records of the
 samples skipped since the previous item), "not_kept" (samples left out by the keep list since the
 previous item)}: how positions and counts reach the main process through DataLoader workers (see
 `dime_ds.data.loaders.BatchStream`).
 
 A keep list (`keep`, data.keep: CLIP-CID's semantic balance) drops the samples whose key it lacks
 before the shuffle buffer, after the rank/worker split: the split and the shards stay as they were,
-a cursor counts kept samples only, and resume replays the same filter, so it stays exact.
+a cursor counts kept samples only, and resume replays the same filter, so it stays exact. A damaged
+shard's marker always passes it, so the damage is counted whichever images are kept.
 """
 from __future__ import annotations
 
@@ -36,12 +41,17 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from dime_ds.data.pipelines import SampleError, decode_sample, iter_tar_samples
+from dime_ds.data.pipelines import (SAMPLE_META, DamagedShardError, SampleError, damage_record, decode_sample,
+                                    iter_tar_samples)
+from dime_ds.errors import UserError
 
 log = logging.getLogger(__name__)
 
 Cursor = tuple[int, int]  # (epoch, raw samples of that epoch already out of the shuffle buffer)
-_SAMPLE_META = ("__key__", "__url__", "__truncated__")
+
+
+class AllShardsDamagedError(UserError, RuntimeError):
+    """Every shard a stream (one worker of it) reads is damaged: training on it would never get a batch."""
 
 
 def salt_id(salt: str) -> int:
@@ -84,6 +94,7 @@ class ShardStream(IterableDataset):
         self.keep = keep
         self.not_kept = 0  # samples the keep list left out, in iterators run in this process
         self.skipped = 0  # samples skipped by iterators run in this process
+        self.damaged: dict[str, dict] = {}  # damaged shards seen by iterators run in this process
         self._start: list[Cursor] | None = None
         self._worker_offset = 0
 
@@ -108,14 +119,19 @@ class ShardStream(IterableDataset):
         return [self.urls[i] for i in picked], modulus, remainder
 
     def _raw(self, shards: list[str], modulus: int, remainder: int, dropped: list[int]) -> Iterator[dict]:
-        for i, raw in enumerate(iter_tar_samples(shards)):
+        i = 0
+        for raw in iter_tar_samples(shards):
+            if raw["__key__"] is None:  # an unreadable shard holds no sample: every worker sharing it reports it
+                yield raw
+                continue
             if i % modulus == remainder:
-                if self.keep is not None and raw.get("__key__") not in self.keep:
+                if self.keep is not None and "__damaged__" not in raw and raw["__key__"] not in self.keep:
                     dropped[0] += 1
                     continue
                 if self.fields is not None:
-                    raw = {k: v for k, v in raw.items() if k in self.fields or k in _SAMPLE_META}
+                    raw = {k: v for k, v in raw.items() if k in self.fields or k in SAMPLE_META}
                 yield raw
+            i += 1
 
     def _process(self, raw: dict, epoch: int, worker: int, position: int) -> Any:
         seed = sample_seed(self.seed, self._salt, epoch, self.rank, worker, position)
@@ -140,7 +156,7 @@ class ShardStream(IterableDataset):
             shards, modulus, remainder = self.worker_shards(epoch, worker, workers)
             rng = np.random.default_rng([self.seed, self._salt, epoch, self.rank, worker])
             n_raw = n_good = 0
-            last_reason = ""
+            last_reason, damaged = "", {}
             for position, (raw, last) in enumerate(_shuffled(self._raw(shards, modulus, remainder, dropped),
                                                              self.shuffle_buffer, rng)):
                 n_raw += 1
@@ -150,9 +166,12 @@ class ShardStream(IterableDataset):
                 try:
                     item = self._process(raw, epoch, worker, position)
                 except SampleError as err:
-                    self.skipped += 1
                     last_reason = str(err)
                     record = {"key": raw.get("__key__"), "source": raw.get("__url__"), "reason": str(err)}
+                    if isinstance(err, DamagedShardError):
+                        record["damaged"] = damaged[err.url] = self.damaged[err.url] = damage_record(err)
+                    if record["key"] is not None:  # a sample lost (a whole unreadable shard lost none it had begun)
+                        self.skipped += 1
                     if self.with_meta:
                         pending.append(record)  # the consumer logs it when it takes the item
                     else:
@@ -177,6 +196,10 @@ class ShardStream(IterableDataset):
             if 0 < n_raw <= offset:
                 raise RuntimeError(f"stream {self.salt!r}: resume cursor ({epoch}, {offset}) is past the "
                                    f"{n_raw} samples of {where}: the state belongs to other shards or settings")
+            if n_good == 0 and offset == 0 and damaged:
+                raise AllShardsDamagedError(
+                    f"stream {self.salt!r}: {where}: no sample could be used; damaged shards: "
+                    + "; ".join(f"{d['shard']}: {d['reason']} ({d['samples']} samples read)" for d in damaged.values()))
             if n_good == 0 and offset == 0:
                 raise RuntimeError(f"stream {self.salt!r}: all {n_raw} samples of {where} were skipped "
                                    f"(last: {last_reason})")

@@ -9,7 +9,10 @@ i % world_size into `shard-{i:06d}` (the same name whatever the world size). Bes
 `.keys.txt`, each finished shard gets a sidecar `shard-{i:06d}.record.json` ({"modality", "model",
 "shard": the write_embedding_shard record, "skipped": its bad samples}), written atomically after
 the shard's files: a shard whose sidecar names the same model and the same source checksum is not
-recomputed, with or without a manifest (a killed run's finished shards survive). When every rank is
+recomputed, with or without a manifest (a killed run's finished shards survive). A damaged input
+shard (see `iter_tar_samples`) is embedded as far as it can be read and its record marked
+`"partial": true` with `"damaged": {"reason", "samples"}`: it never counts as finished, so every
+later run reads it again (and a repaired one, a new checksum, is embedded whole). When every rank is
 done, rank 0 gathers the sidecars in shard order and writes manifest.json last."""
 from __future__ import annotations
 
@@ -23,7 +26,7 @@ import torch
 from tqdm import tqdm
 
 from dime_ds.data.embeddings import MANIFEST, atomic_write, write_embedding_shard, write_manifest
-from dime_ds.data.pipelines import SampleError, decode_sample, image_transform, iter_tar_samples
+from dime_ds.data.pipelines import DamagedShardError, SampleError, decode_sample, image_transform, iter_tar_samples
 from dime_ds.data.shards import sha256_file
 from dime_ds.data.views import ViewRecipe, apply_view
 from dime_ds.distributed.stage import StageContext, agreed, on_main, stage
@@ -78,7 +81,7 @@ def finished_record(out_dir: str | Path, name: str, url: str, checksum: str, mod
     shard = record.get("shard") or {}
     made = (record.get("modality"), record.get("model"), shard.get("name"), shard.get("source_sha256"),
             record.get("views"))
-    if made != (modality, str(model_name), name, checksum, views_record(views)) \
+    if shard.get("partial") or made != (modality, str(model_name), name, checksum, views_record(views)) \
             or not _files_ok(out_dir, name, int(shard.get("count", -1))) \
             or (views is not None and not (out_dir / f"{name}.views.npy").is_file()):
         return None
@@ -99,7 +102,10 @@ def embed_shard(teacher: Teacher, url: str, out_dir: str | Path, name: str, moda
     if views is not None and modality != "images":
         raise ValueError("views are of images only")
     out_dir = Path(out_dir)
-    checksum = sha256_file(url)
+    try:
+        checksum = sha256_file(url)
+    except OSError:  # missing since it was listed, unreadable: the reader below says how, as a damaged shard
+        checksum = None
     done = finished_record(out_dir, name, url, checksum, modality, model_name, views)
     if done is not None:
         return done, False
@@ -110,7 +116,7 @@ def embed_shard(teacher: Teacher, url: str, out_dir: str | Path, name: str, moda
     if transform is None and modality == "images":
         transform = image_transform(teacher.preprocess_cfg, train=False)
     per_item = views.views if views is not None else 1  # teacher inputs per sample
-    keys, chunks, batch, skipped, params = [], [], [], [], []
+    keys, chunks, batch, skipped, params, damaged = [], [], [], [], [], None
     for raw in iter_tar_samples([url]):
         try:
             sample = decode_sample(raw)
@@ -120,7 +126,10 @@ def embed_shard(teacher: Teacher, url: str, out_dir: str | Path, name: str, moda
             else:
                 item = transform(sample["image"]) if modality == "images" else sample["text"]
         except (SampleError, KeyError) as err:
-            skipped.append({"key": raw.get("__key__"), "source": str(url), "reason": str(err)})
+            if isinstance(err, DamagedShardError):
+                damaged = {"reason": err.reason, "samples": err.samples}
+            if raw.get("__key__") is not None:  # None: an unreadable shard, no sample of it begun
+                skipped.append({"key": raw.get("__key__"), "source": str(url), "reason": str(err)})
             continue
         keys.append(sample["key"])
         batch.append(item)
@@ -129,10 +138,18 @@ def embed_shard(teacher: Teacher, url: str, out_dir: str | Path, name: str, moda
             batch = []
     if batch:
         chunks.append(_encode(teacher, modality, batch))
-    if not keys:
+    if not keys and damaged is None:
         raise RuntimeError(f"{url}: no {modality[:-1]} could be decoded")
-    shard = write_embedding_shard(out_dir, name, keys, np.concatenate(chunks), url, checksum,
-                                  np.stack(params) if views is not None else None)
+    width = (views.views, teacher.embed_dim) if views is not None else (teacher.embed_dim,)
+    embedded = np.concatenate(chunks) if chunks else np.zeros((0, *width), np.float32)
+    view_params = None
+    if views is not None:
+        view_params = np.stack(params) if params else np.zeros((0, views.views, 5), np.int32)
+    shard = write_embedding_shard(out_dir, name, keys, embedded, url, checksum, view_params)
+    if damaged is not None:  # what was read is used; the shard is read again by the next run
+        shard.update(partial=True, damaged=damaged)
+        log.warning("embedding %s: the shard is damaged (%s): %d %s embedded, marked partial", url,
+                    damaged["reason"], len(keys), modality)
     record = {"modality": modality, "model": str(model_name), "shard": shard, "skipped": skipped,
               "views": views_record(views)}
     _write_json_atomic(_record_path(out_dir, name), record)  # last: the shard is finished
@@ -145,7 +162,7 @@ def _embed_rank_shards(teacher: Teacher, urls: Sequence[str], out_dir: Path, mod
     """Embed the input shards i with i % world == rank; returns counts for the log."""
     mine = [i for i in range(len(urls)) if i % world == rank]
     transform = image_transform(teacher.preprocess_cfg, train=False) if modality == "images" else None
-    stats = {"shards": len(mine), "computed": 0, "samples": 0}
+    stats = {"shards": len(mine), "computed": 0, "samples": 0, "damaged": 0}
     bar = tqdm(mine, desc=f"rank {rank} embed {modality}", position=rank, disable=not progress, leave=True,
                unit="shard")
     for i in bar:
@@ -153,6 +170,7 @@ def _embed_rank_shards(teacher: Teacher, urls: Sequence[str], out_dir: Path, mod
                                        transform, views)
         stats["computed"] += computed
         stats["samples"] += record["shard"]["count"]
+        stats["damaged"] += bool(record["shard"].get("partial"))
         bar.set_postfix(samples=stats["samples"], refresh=False)
     bar.close()
     return stats
@@ -220,12 +238,16 @@ def _embed_modality(ctx: StageContext, teacher: Teacher, model: str, spec: str, 
                  ctx.world_size)
     stats = agreed(_embed_rank_shards, teacher, urls, out_dir, modality, model, match_cfg.batch_size, ctx.rank,
                    ctx.world_size, progress, views, what=f"embedding {modality}")
-    log.info("rank %d: %s: %d shard(s), %d computed, %d skipped as finished, %d embeddings", ctx.rank, modality,
-             stats["shards"], stats["computed"], stats["shards"] - stats["computed"], stats["samples"])
+    log.info("rank %d: %s: %d shard(s), %d computed, %d skipped as finished, %d embeddings, %d damaged", ctx.rank,
+             modality, stats["shards"], stats["computed"], stats["shards"] - stats["computed"], stats["samples"],
+             stats["damaged"])
     manifest = on_main(_write_stage_manifest, urls, out_dir, modality, model, views,
                        what=f"writing the {modality} manifest")
     if ctx.is_main:
-        log.info("%s: %d embeddings, %d skipped", modality, manifest["count"], len(manifest["skipped"]))
+        damaged = [s for s in manifest["shards"] if s.get("partial")]
+        log.info("%s: %d embeddings, %d skipped, %d damaged shard(s)%s", modality, manifest["count"],
+                 len(manifest["skipped"]), len(damaged),
+                 "".join(f"\n  {s['source']}: {s['damaged']['reason']}" for s in damaged))
     return manifest
 
 

@@ -1,6 +1,13 @@
 """DeepSpeed checkpoints with client state: step, every rank's data-stream positions and RNG
-states, the resolved config. Tags are `step_00000042`; DeepSpeed's `latest` file names the newest
-complete one, so a run killed mid-save resumes from the one before."""
+states, the resolved config. Tags are `step_00000042`; the `latest` file names the newest complete
+one, so a run killed mid-save resumes from the one before.
+
+A save that fails part-way (a full disk, ENOSPC; any OSError of a write) on any rank is a failed
+save on every rank: DeepSpeed's own collectives still run to their end (a failed file write is
+recorded, not raised, inside it), then the incomplete tag is removed, `latest` is left naming the
+previous checkpoint, and every rank raises CheckpointWriteError. `latest` is written by rank 0 only
+once every rank's files are complete, atomically (a temporary file renamed), and keep_last prunes
+only after that, never the checkpoint `latest` names."""
 from __future__ import annotations
 
 import contextlib
@@ -33,6 +40,10 @@ CHECKPOINT_GLOBALS = (
     "deepspeed.runtime.zero.config.ZeroStageEnum", "deepspeed.utils.tensor_fragment.fragment_address",
     "numpy._core.multiarray._reconstruct", "numpy.ndarray", "numpy.dtype", "numpy.dtypes.UInt32DType",
 )
+
+
+class CheckpointWriteError(UserError, OSError):
+    """A checkpoint that could not be written (disk full, quota, I/O error); the previous one stays."""
 
 
 def _resolve(qualified: str):
@@ -79,21 +90,80 @@ def set_rng_state(state: dict) -> None:
 
 
 def save(engine, ckpt_dir: str | Path, step: int, rank_state: dict, config_yaml: str, keep_last: int) -> str:
-    """Collective: every rank calls it. Rank r's `rank_state` is stored at index r."""
+    """Collective: every rank calls it. Rank r's `rank_state` is stored at index r. Raises
+    CheckpointWriteError on every rank when any rank's write failed (see the module docstring)."""
+    from dime_ds.distributed.stage import raise_agreed
+
     ranks = C.all_gather_object({**rank_state, "rng": rng_state()})
-    tag = tag_for(step)
-    engine.save_checkpoint(str(ckpt_dir), tag=tag,
-                           client_state={"step": step, "ranks": ranks, "config": config_yaml})
+    tag, ckpt_dir = tag_for(step), Path(ckpt_dir)
+    failures: list[tuple[str, OSError]] = []
+    with _write_failures_recorded(engine, failures):
+        engine.save_checkpoint(str(ckpt_dir), tag=tag, save_latest=False,
+                               client_state={"step": step, "ranks": ranks, "config": config_yaml})
+    complete = C.reduce_scalar(1.0 if failures else 0.0, op="max") == 0  # every rank's files written
     if C.is_main():
-        _prune(Path(ckpt_dir), keep_last)
-    C.barrier()
+        try:
+            if complete:
+                _write_latest(ckpt_dir, tag)
+        except OSError as err:
+            failures.append((str(ckpt_dir / "latest"), err))
+        if complete and not failures:
+            _prune(ckpt_dir, keep_last, tag)
+        else:
+            shutil.rmtree(ckpt_dir / tag, ignore_errors=True)  # never half a checkpoint under a tag name
+    error = None
+    if failures:
+        path, err = failures[0]
+        previous = resolve_tag(ckpt_dir, "latest")
+        error = CheckpointWriteError(
+            f"checkpoint {tag} could not be written in {ckpt_dir}: {path}: {err.strerror or err}; "
+            + (f"{previous} stays the latest (ckpt.resume=latest takes it)" if previous else "no checkpoint was kept"))
+    raise_agreed(error, f"saving checkpoint {tag}", keep=(CheckpointWriteError,))  # also the barrier
     log.info("checkpoint %s saved in %s", tag, ckpt_dir)
     return tag
 
 
-def _prune(ckpt_dir: Path, keep_last: int) -> None:
-    tags = sorted(p for p in ckpt_dir.iterdir() if p.is_dir() and TAG.match(p.name))
-    for old in tags[:-keep_last]:
+@contextlib.contextmanager
+def _write_failures_recorded(engine, failures: list):
+    """DeepSpeed's file writes record an OSError in `failures` instead of raising it (after the first,
+    nothing more is written): the ranks' collectives inside save_checkpoint still match."""
+    writer = engine.checkpoint_engine
+    original = writer.save
+
+    def save(state_dict, path, *args, **kwargs):
+        if failures:
+            return None
+        try:
+            return original(state_dict, path, *args, **kwargs)
+        except OSError as err:
+            log.error("rank %d: writing %s failed: %s", C.rank(), path, err)
+            failures.append((str(path), err))
+            return None
+
+    writer.save = save
+    try:
+        yield
+    finally:
+        del writer.save  # the class's method again
+
+
+def _write_latest(ckpt_dir: Path, tag: str) -> None:
+    tmp = ckpt_dir / "latest.tmp"
+    try:
+        with open(tmp, "w") as f:
+            f.write(tag)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, ckpt_dir / "latest")
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _prune(ckpt_dir: Path, keep_last: int, latest: str) -> None:
+    """Keep the last `keep_last` tags up to `latest` (complete, just written); a later tag left by a
+    killed run is incomplete and overwritten when its step comes again."""
+    tags = sorted(p for p in ckpt_dir.iterdir() if p.is_dir() and TAG.match(p.name) and p.name <= latest)
+    for old in tags[:-max(keep_last, 1)]:
         shutil.rmtree(old, ignore_errors=True)
 
 

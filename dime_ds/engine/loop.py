@@ -159,7 +159,8 @@ class Trainer:
         self.tb.close()
         if self.meter.seconds > 0:
             summary["samples_per_s"] = self.meter.samples / self.meter.seconds
-        return {**summary, "status": status, "step": step, "skipped": self.objective.skipped()}
+        return {**summary, "status": status, "step": step, "skipped": self.objective.skipped(),
+                "data_faults": self.objective.data_faults()}
 
     def _due(self, step: int, every: int) -> bool:
         """At every `every`-th step, and always at the last."""
@@ -218,6 +219,9 @@ class Trainer:
             values[f"perf/{phase}_per_step"] = window.get(phase, 0.0) / max(1, window.get("steps", 1))
         for name, count in self.objective.skipped().items():
             values[f"data/skipped_{name}"] = C.reduce_scalar(count)
+        faults = self.objective.data_faults()  # summed over ranks: a shard read by several counts once per rank
+        values["data/damaged_shards"] = C.reduce_scalar(sum(f["damaged"] for f in faults.values()))
+        values["data/truncated_texts"] = C.reduce_scalar(sum(f["truncated"] for f in faults.values()))
         values["memory/host_max_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
         if self.device.type == "cuda":
             values["memory/gpu_max_allocated_gb"] = torch.cuda.max_memory_allocated(self.device) / 2**30

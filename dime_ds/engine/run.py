@@ -10,6 +10,7 @@ from safetensors.torch import save_file
 from dime_ds.config import save_config
 from dime_ds.config.schema import RootConfig
 from dime_ds.distributed.stage import process_group
+from dime_ds.distributed.watchdog import watch_ranks
 from dime_ds.engine.checkpoint import tag_for
 from dime_ds.engine.consolidate import fp32_state_dict
 from dime_ds.engine.loop import Trainer
@@ -22,7 +23,8 @@ def run_training(cfg: RootConfig) -> dict:
     world, device, _ = process_group(cfg.dist, cfg.device, always=True)  # DeepSpeed wants one even alone
     if world.rank == 0:
         save_config(cfg, cfg.run_dir)
-    summary = Trainer(cfg, world, device).train()
+    with watch_ranks(world, cfg.dist.dead_rank_s):  # a dead rank ends the others in seconds, naming it
+        summary = Trainer(cfg, world, device).train()
     if world.rank == 0 and summary["status"] == "completed":
         # The fp32 masters, read back from the last checkpoint by the one reader of DeepSpeed's
         # layouts (every ZeRO stage; the bf16 module copies would lose precision).

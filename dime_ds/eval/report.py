@@ -60,9 +60,13 @@ def write_report(out_dir: str | os.PathLike, stem: str, results: Mapping[str, Ma
     errors = sorted({f"{d}: {m['error']}" for per in results.values() for d, m in per.items() if "error" in m})
     notes = [f"missing, skipped: {', '.join(missing)}"] if missing else []
     notes += [f"error: {e}" for e in errors]
+    damaged = sorted({f"{d}: {msg}" for per in results.values() for d, m in per.items()
+                      for msg in m.get("damaged_shards", [])})
+    notes += [f"{e} (used as far as readable)" for e in damaged]
     path = out / f"{stem}.json"
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps({"models": dict(info), "results": dict(results), "missing": missing, "errors": errors},
+    tmp.write_text(json.dumps({"models": dict(info), "results": dict(results), "missing": missing, "errors": errors,
+                              "damaged_shards": damaged},
                               indent=2, default=str))
     tmp.replace(path)
     (out / f"{stem}.md").write_text(markdown_table(header, rows) + "".join(f"\n- {n}" for n in notes) + ("\n" if notes else ""))

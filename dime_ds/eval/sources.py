@@ -10,9 +10,9 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 import torch
-from PIL import Image
 
-from dime_ds.data.pipelines import IMAGE_EXTS, SampleError, decode_sample, iter_tar_samples
+from dime_ds.data.pipelines import (IMAGE_EXTS, DamagedShardError, SampleError, decode_image, decode_sample,
+                                    iter_tar_samples)
 from dime_ds.data.shards import list_shards
 from dime_ds.errors import UserError
 
@@ -120,6 +120,16 @@ def with_class_names(split: EvalSplit, classnames: list[str]) -> EvalSplit:
     return replace(split, files=[(path, label_of[old]) for path, old in split.files], num_classes=len(classnames))
 
 
+# How a damaged shard shows among a split's skip messages (one per shard and reader).
+DAMAGED_SHARD = "damaged shard "
+
+
+def count_skips(messages: list[str]) -> tuple[int, list[str]]:
+    """(samples skipped, the damaged shards' messages, one per shard) of a split's skip messages."""
+    damaged = sorted({m for m in messages if m.startswith(DAMAGED_SHARD)})
+    return sum(not m.startswith(DAMAGED_SHARD) for m in messages), damaged
+
+
 def iter_samples(split: EvalSplit, shard_mine: Callable[[int], bool], sample_mine: Callable[[int], bool],
                  skipped: list) -> Iterator[dict]:
     """Decoded samples {key, image, label?, captions?} of the shards `shard_mine(shard index)` keeps
@@ -130,10 +140,11 @@ def iter_samples(split: EvalSplit, shard_mine: Callable[[int], bool], sample_min
             if not sample_mine(i):
                 continue
             try:
-                with Image.open(path) as img:
-                    yield {"key": (i,), "image": img.convert("RGB"), "label": label}
+                image = decode_image(Path(path).read_bytes())  # bombs refused, any mode RGB, EXIF upright
             except Exception as err:  # a corrupt file is one skipped sample, not a failed evaluation
                 skipped.append(f"{path}: {type(err).__name__}: {err}")
+                continue
+            yield {"key": (i,), "image": image, "label": label}
         return
     counter = 0
     for s, url in enumerate(split.shards):
@@ -148,6 +159,11 @@ def iter_samples(split: EvalSplit, shard_mine: Callable[[int], bool], sample_min
                 sample = decode_sample(raw)
                 if "image" not in sample:
                     raise SampleError(f"sample {raw.get('__key__')} in {url}: no image")
+            except DamagedShardError as err:
+                skipped.append(f"{DAMAGED_SHARD}{url}: {err.reason} ({err.samples} samples read)")
+                if err.key is not None:  # the sample the damage hit is lost too
+                    skipped.append(str(err))
+                continue
             except SampleError as err:
                 skipped.append(str(err))
                 continue

@@ -17,7 +17,7 @@ from dime_ds.distributed import collectives as C
 from dime_ds.eval.features import Encoder, extract
 from dime_ds.eval.linear_probe import linear_probe, stratified_split
 from dime_ds.eval.retrieval import retrieval_metrics
-from dime_ds.eval.sources import has_split, open_split, with_class_names
+from dime_ds.eval.sources import count_skips, has_split, open_split, with_class_names
 from dime_ds.eval.templates import load_classnames, load_templates
 from dime_ds.eval.zeroshot import classifier_weights, zero_shot_metrics
 
@@ -68,14 +68,14 @@ def _zeroshot(encoder: Encoder, ds: EvalDatasetConfig, eval_cfg: EvalConfig, opt
     if (feats.labels < 0).any():
         raise ValueError(f"{ds.path}: zero-shot classification needs a class label (cls) on every sample")
     return {**zero_shot_metrics(feats.image, feats.labels, weights), "classes": len(classnames),
-            "skipped": len(feats.skipped)}
+            **_skips(feats.skipped)}
 
 
 def _retrieval(encoder: Encoder, ds: EvalDatasetConfig, eval_cfg: EvalConfig, opts: dict) -> dict | None:
     feats = extract(open_split(ds.path, ds.split), encoder, captions=True, **opts)
     if feats is None:
         return None
-    return {**retrieval_metrics(feats.image, feats.text, feats.text_owner), "skipped": len(feats.skipped)}
+    return {**retrieval_metrics(feats.image, feats.text, feats.text_owner), **_skips(feats.skipped)}
 
 
 def _linear_probe(encoder: Encoder, ds: EvalDatasetConfig, eval_cfg: EvalConfig, opts: dict) -> dict | None:
@@ -91,7 +91,7 @@ def _linear_probe(encoder: Encoder, ds: EvalDatasetConfig, eval_cfg: EvalConfig,
             return None
         protocol = f"{ds.train_split} -> {ds.split}"
         parts = (train.image, train.labels, test.image, test.labels)
-        skipped = len(train.skipped) + len(test.skipped)
+        skipped = train.skipped + test.skipped
     else:  # one split only: a stratified, seeded share of it becomes the test set
         feats = extract(open_split(ds.path, ds.split), encoder, **opts)
         if feats is None:
@@ -99,12 +99,18 @@ def _linear_probe(encoder: Encoder, ds: EvalDatasetConfig, eval_cfg: EvalConfig,
         fit_rows, test_rows = stratified_split(feats.labels, probe.test_fraction)
         protocol = f"single split, {probe.test_fraction:.0%} held out as test"
         parts = (feats.image[fit_rows], feats.labels[fit_rows], feats.image[test_rows], feats.labels[test_rows])
-        skipped = len(feats.skipped)
+        skipped = feats.skipped
     if (parts[1] < 0).any() or (parts[3] < 0).any():
         raise ValueError(f"{ds.path}: linear probing needs a class label (cls) on every sample")
     metrics = linear_probe(*parts, regs=list(probe.reg), val_fraction=probe.val_fraction,
                            max_iter=probe.max_iter, device=encoder.device if encoder.device.type == "cuda" else "cpu")
-    return {**metrics, "protocol": protocol, "skipped": skipped}
+    return {**metrics, "protocol": protocol, **_skips(skipped)}
+
+
+def _skips(messages: list[str]) -> dict:
+    """The report's counts: samples skipped, and the damaged shards (read as far as they could be)."""
+    samples, damaged = count_skips(messages)
+    return {"skipped": samples, "damaged_shards": damaged} if damaged else {"skipped": samples}
 
 
 TASKS = {"zeroshot": _zeroshot, "retrieval": _retrieval, "linear_probe": _linear_probe}

@@ -54,6 +54,8 @@ def write_grounded_corpus(text_cache: EmbeddingCache, assignment: np.ndarray, im
             rows = {key: start + i for i, key in enumerate(keys[start:start + record["count"]])}
             start += record["count"]
             source = record["source"]
+            if record["count"] == 0:  # a damaged shard nothing could be read from (it may not even open)
+                continue
             if sha256_file(source) != record["source_sha256"]:
                 raise CorpusSourceError(f"{source} changed since it was embedded (sha256 differs from "
                                         f"{text_cache.directory}/manifest.json): run stage=embed again")

@@ -66,6 +66,12 @@ def _markdown(report: dict) -> str:
         f"- time: {r['seconds']['algorithm1']:.1f} s matching, {r['seconds']['total']:.1f} s in all", "",
         "## Rounds", "", "| round | images before | matched | share |", "|---:|---:|---:|---:|",
     ]
+    damaged = [(m, d) for m, shards in r.get("damaged_shards", {}).items() for d in shards]
+    if damaged:  # before the rounds: what the match could not see
+        at = lines.index("## Rounds")
+        lines[at:at] = ["## Damaged input shards (used as far as readable)", "",
+                        *[f"- {m}: `{d['source']}`: {d['reason']}, {d['samples']} samples read"
+                          for m, d in damaged], ""]
     for row in r["per_round"]:
         lines.append(f"| {row['round']} | {row['remaining_before']} | {row['matched']} | "
                      f"{100 * row['matched'] / max(row['remaining_before'], 1):.1f} % |")
@@ -107,6 +113,11 @@ def _tensorboard(log_dir: Path, report: dict, sims: np.ndarray, png: Path | None
             f"{e['image_key']} -> {e['sentence_key']} ({e['similarity']:.3f}): {e['text']}  " for e in report["examples"]), 0)
     finally:
         writer.close()
+
+
+def damaged_shards(manifest: dict) -> list[dict]:
+    """The input shards an embedding cache marks partial: {"source", "reason", "samples" read}."""
+    return [{"source": r["source"], **r["damaged"]} for r in manifest["shards"] if r.get("partial")]
 
 
 def build_report(result, image_keys: Sequence[str], text_keys: Sequence[str], corpus: dict, *, inputs: dict,

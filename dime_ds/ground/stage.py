@@ -27,7 +27,8 @@ from tqdm import tqdm
 from dime_ds.data.embeddings import EmbeddingCache, open_image_text_caches
 from dime_ds.distributed.stage import StageContext, agreed, gather_to_main, on_main, stage
 from dime_ds.ground.corpus import write_grounded_corpus
-from dime_ds.ground.report import REPORT_VERSION, build_report, example_rows, kept_similarities, write_report, write_text
+from dime_ds.ground.report import (REPORT_VERSION, build_report, damaged_shards, example_rows, kept_similarities,
+                                   write_report, write_text)
 
 if TYPE_CHECKING:
     from dime_ds.config.schema import MatchConfig, RootConfig
@@ -118,6 +119,8 @@ def write_outputs(out_dir: str | os.PathLike, result, image_cache: EmbeddingCach
                           inputs={"images": str(image_cache.directory), "texts": str(text_cache.directory),
                                   "model": image_cache.model},
                           total_seconds=(time.perf_counter() - started) if started is not None else result.seconds)
+    report["damaged_shards"] = {name: damaged_shards(cache.manifest) for name, cache in
+                                (("images", image_cache), ("texts", text_cache))}
     write_report(out_dir, report, kept_similarities(result), tensorboard=tensorboard)
     return report
 

@@ -63,6 +63,14 @@ class Objective(ABC):
     def skipped(self) -> dict[str, int]:
         """Samples skipped so far on this rank, per stream."""
 
+    def data_faults(self) -> dict[str, dict]:
+        """Per stream (every BatchStream the objective holds, by attribute name): {"damaged": the
+        damaged shards met on this rank, "truncated": sentences cut to the context}."""
+        from dime_ds.data.loaders import BatchStream
+
+        return {name: {"damaged": len(s.damaged), "truncated": s.truncated}
+                for name, s in vars(self).items() if isinstance(s, BatchStream)}
+
     @abstractmethod
     def next_batch(self) -> dict:
         """This rank's next micro-batch."""

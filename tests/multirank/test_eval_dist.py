@@ -81,15 +81,20 @@ def _suite_with_a_bad_shard_on_one_rank(rank, world, good, bad, lockstep):
 
 @pytest.mark.parametrize("lockstep", [False, True])
 def test_unreadable_shard_read_by_one_rank_is_reported_by_all(data, lockstep):
-    """Shard 2 of 3 is garbage and only rank 0 reads it: every rank reports the same error, nobody
-    hangs, the next dataset is evaluated whole and equal on both ranks."""
+    """Shard 2 of 3 is garbage and only rank 0 reads it: the other shards are evaluated, every rank
+    reports the same damaged shard, nobody hangs, the next dataset is evaluated whole and equal on both ranks."""
     import shutil
+    import tarfile
 
     bad = data["root"] / f"bad_{lockstep}"
     shutil.copytree(data["three_shards"], bad)
     shards = sorted(bad.glob("*.tar"))
+    with tarfile.open(shards[2]) as tar:
+        lost = len({m.name.split(".")[0] for m in tar.getmembers()})
     shards[2].write_bytes(b"this is not a tar file" * 100)
     ranks = run_ranks(_suite_with_a_bad_shard_on_one_rank, 2, data["three_shards"], bad, lockstep, timeout=120)
     assert ranks[0] == ranks[1]
-    assert "error" in ranks[0]["bad"] and ranks[0]["gone"]["missing"] is True
+    assert ranks[0]["bad"]["images"] == 23 - lost and ranks[0]["bad"]["skipped"] == 0
+    (damaged,) = ranks[0]["bad"]["damaged_shards"]
+    assert damaged.startswith(f"damaged shard {shards[2]}: garbled") and ranks[0]["gone"]["missing"] is True
     assert ranks[0]["good"]["images"] == 23 and ranks[0]["good"]["image_to_text_R@1"] == 1.0

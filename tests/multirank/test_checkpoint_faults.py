@@ -1,0 +1,68 @@
+"""A checkpoint save that fails part-way (the disk fills while a file is written) leaves the previous
+checkpoint intact and `latest` naming it, stops the run on every rank with a message, and a resume
+from latest then ends exactly as a run that never failed."""
+from __future__ import annotations
+
+import errno
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from dime_ds.config import load_config
+from tests.conftest import engine_overrides
+from tests.multirank.harness import RankError, run_ranks
+
+pytestmark = pytest.mark.slow
+STEPS = 8
+
+
+def _train(rank, world_size, overrides, fail_on=None):
+    """Training; with `fail_on`, any checkpoint file whose path holds that text is cut short by a full disk."""
+    from dime_ds.engine.run import run_training
+
+    if fail_on is not None:
+        real = torch.save
+
+        def disk_full(obj, path, *args, **kwargs):
+            if fail_on in str(path):
+                with open(path, "wb") as f:
+                    f.write(b"PK\x03\x04 half a checkpoint")
+                raise OSError(errno.ENOSPC, "No space left on device", str(path))
+            return real(obj, path, *args, **kwargs)
+
+        torch.save = disk_full
+    return run_training(load_config(overrides))
+
+
+def _overrides(work, world, teacher, *extra):
+    return engine_overrides(work, world, teacher, f"optim.steps={STEPS}", "ckpt.every_n_steps=4", "ckpt.keep_last=1",
+                            "data.augment=true", *extra)
+
+
+def _final(work):
+    return load_file(str(work / "runs" / "demo" / "final" / "student.safetensors"))
+
+
+@pytest.mark.parametrize("world_size, fail_on", [(1, "step_00000008"), (2, "step_00000008/zero_pp_rank_1")])
+def test_a_save_cut_by_a_full_disk_keeps_the_previous_checkpoint(tmp_path, tiny_world, tiny_teacher_dir,
+                                                                 world_size, fail_on):
+    work, ckpt = tmp_path / "work", tmp_path / "work" / "runs" / "demo" / "checkpoints"
+    overrides = _overrides(work, tiny_world, tiny_teacher_dir)
+    with pytest.raises(RankError) as err:
+        run_ranks(_train, world_size, overrides, fail_on, timeout=300)
+    shown = str(err.value)
+    # Every rank stops with the same message (none waits in a collective for the one that failed).
+    assert shown.count("CheckpointWriteError") >= world_size
+    assert "checkpoint step_00000008 could not be written" in shown and "No space left on device" in shown
+    assert "step_00000004 stays the latest" in shown
+    assert (ckpt / "latest").read_text() == "step_00000004"
+    assert sorted(p.name for p in ckpt.iterdir() if p.is_dir()) == ["step_00000004"]  # keep_last=1 kept it
+
+    resumed = run_ranks(_train, world_size, [*overrides, "ckpt.resume=latest"], timeout=300)
+    assert [s["start_step"] for s in resumed] == [4] * world_size
+    assert [s["status"] for s in resumed] == ["completed"] * world_size
+    resumed_weights = _final(work)
+    run_ranks(_train, world_size, _overrides(tmp_path / "clean", tiny_world, tiny_teacher_dir), timeout=300)
+    for key, value in _final(tmp_path / "clean").items():
+        assert torch.equal(resumed_weights[key], value), key
