@@ -42,6 +42,13 @@ class SyntheticConfig:
     n_eval: int = 600  # images per labelled evaluation set
     shard_size: int = 1000  # samples per tar shard
     second_object_p: float = 0.3
+    # Head-heavy corpus (MetaCLIP demo): describing sentences pick their image with replacement so that
+    # shape k (SHAPES order) is described with weight (k + 1) ** -head_skew; 0: one sentence per
+    # distinct image, uniform (the default world).
+    head_skew: float = 0.0
+    # Near-duplicates (CLIP-CID demo): this share of unpaired images re-renders another image's scene
+    # with fresh noise and jitter; world.json lists them.
+    duplicate_fraction: float = 0.0
 
 
 @dataclass

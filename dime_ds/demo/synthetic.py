@@ -4,6 +4,8 @@ Every sample draws from its own `numpy.random.default_rng([seed, split_id, index
 can be regenerated alone and nothing depends on shard size. `write_world` writes, under one root:
 
 - `images/`       unpaired images (jpg + json scene attributes), no captions: the distillation images.
+                  A `duplicate_fraction` share re-render another image's scene with fresh noise and
+                  jitter (json `duplicate_of`): the near-duplicates that semantic balance should find.
 - `texts/`        the unpaired text corpus (txt + json), shuffled, of three kinds:
     describing    a grammar sentence about one distinct, randomly chosen image of `images/`;
     other_scene   visual sentences about things `images/` never contains. Half (even-numbered ones)
@@ -11,6 +13,12 @@ can be regenerated alone and nothing depends on shard size. `write_world` writes
                   in colour (i + 3) mod |colours| in `images/`, first or second object), half describe
                   real-world objects the world never draws ("a red car on a busy street");
     nonvisual     sentences from a non-visual grammar ("the meeting was moved to thursday").
+  With `head_skew` > 0 the describing sentences are head-heavy: several may describe one image,
+  and shape k of SHAPES is described with weight (k + 1) ** -head_skew (circles dominate, rings are
+  the tail).
+- `metadata.txt`  the world's concept list for MetaCLIP curation, one entry a line: shapes, colours,
+                  sizes, backgrounds, and the distractor vocabulary (unseen objects, places, the
+                  non-visual grammar's words).
 - `paired/`       fresh scenes with captions (jpg + txt + json), for a teacher or a CLIP baseline.
 - `eval/shape/`, `eval/colour/`  single-object images, class-balanced (label = index mod classes),
                   jpg + cls + json, and classnames.txt.
@@ -42,7 +50,8 @@ from dime_ds.config.schema import SyntheticConfig
 from dime_ds.data.shards import ShardWriter, sha256_file
 from dime_ds.errors import UserError
 
-FORMAT_VERSION = 4  # 2: eval sets carry templates.txt; 3: shape prompts name colours; 4: eval/captions
+FORMAT_VERSION = 5  # 2: eval sets carry templates.txt; 3: shape prompts name colours; 4: eval/captions;
+# 5: metadata.txt, head_skew, duplicate_fraction
 JPEG_QUALITY = 90
 
 SHAPES = ("circle", "square", "triangle", "star", "cross", "diamond", "hexagon", "ring")
@@ -68,10 +77,12 @@ SUPERSAMPLE = 4  # shapes are drawn at 4x and box-filtered down: smooth edges
 HELD_OUT = frozenset((shape, COLOUR_NAMES[(i + 3) % len(COLOUR_NAMES)]) for i, shape in enumerate(SHAPES))
 
 # Split ids of the per-sample seeds; TEXT_PLAN seeds the corpus layout (kinds, targets, order).
-SPLIT_IDS = {"images": 0, "texts": 1, "paired": 2, "eval_shape": 3, "eval_colour": 4, "text_plan": 5, "eval_captions": 6}
+SPLIT_IDS = {"images": 0, "texts": 1, "paired": 2, "eval_shape": 3, "eval_colour": 4, "text_plan": 5, "eval_captions": 6,
+             "duplicates": 7, "duplicate_plan": 8}
 CONFIG_FIELDS = {
     "seed": int, "image_size": int, "n_images": int, "n_texts": int, "describing_fraction": float,
     "n_paired": int, "n_eval": int, "shard_size": int, "second_object_p": float,
+    "head_skew": float, "duplicate_fraction": float,
 }
 
 
@@ -145,8 +156,26 @@ def single_object_scene(rng: np.random.Generator, shape: str | None = None, colo
 
 
 def image_scene(seed: int, index: int, second_object_p: float) -> dict:
-    """The scene of unpaired image `index`, without rendering it (the scene is drawn first)."""
+    """The scene image `index` draws first (a near-duplicate shows its source's scene instead)."""
     return sample_scene(sample_rng(seed, "images", index), second_object_p, HELD_OUT)
+
+
+def duplicate_plan(c: dict) -> dict[int, int]:
+    """{duplicate image index: its source}: a `duplicate_fraction` share of the images, each copying
+    an image that is no duplicate itself. Empty for the default world."""
+    n_dup = round(c["n_images"] * c["duplicate_fraction"])
+    if not n_dup:
+        return {}
+    if n_dup >= c["n_images"]:
+        raise SyntheticConfigError(f"duplicate_fraction={c['duplicate_fraction']} leaves no original image")
+    rng = np.random.default_rng([c["seed"], SPLIT_IDS["duplicate_plan"]])
+    order = rng.permutation(c["n_images"])
+    duplicates, originals = np.sort(order[:n_dup]), order[n_dup:]
+    return {int(d): int(s) for d, s in zip(duplicates, rng.choice(originals, size=n_dup))}
+
+
+def _scene_of(c: dict, index: int, duplicates: dict[int, int]) -> dict:
+    return image_scene(c["seed"], duplicates.get(index, index), c["second_object_p"])
 
 
 # -------------------------------------------------------------------------------------- rendering
@@ -312,6 +341,16 @@ def nonvisual_sentence(rng: np.random.Generator) -> str:
     return template.format(**{slot: _pick(rng, words) for slot, words in _NONVISUAL_SLOTS.items()})
 
 
+def metadata_entries() -> list[str]:
+    """The world's concepts for MetaCLIP curation (`metadata.txt`), in a fixed order, each once:
+    what it draws (shapes, colours, sizes, positions, backgrounds) and the distractor vocabulary."""
+    places = [p.split(" ", 1)[1].removeprefix("a ").removeprefix("the ").removeprefix("front of a ")
+              for p in _PLACES]
+    groups = [SHAPES, COLOUR_NAMES, tuple(SIZES), tuple(POSITIONS), ("middle",), tuple(BACKGROUNDS),
+              _UNSEEN_COLOURABLE, _UNSEEN_PLAIN, places, *_NONVISUAL_SLOTS.values()]
+    return list(dict.fromkeys(entry for group in groups for entry in group))
+
+
 # ----------------------------------------------------------------------------------------- splits
 
 Sample = tuple[str, dict[str, bytes]]
@@ -327,34 +366,51 @@ def image_key(index: int) -> str:
 
 
 def _image_samples(c: dict) -> Iterator[Sample]:
+    duplicates = duplicate_plan(c)
     for i in range(c["n_images"]):
-        rng = sample_rng(c["seed"], "images", i)
-        scene = sample_scene(rng, c["second_object_p"], HELD_OUT)
+        if i in duplicates:  # the source's scene, drawn with noise and jitter of its own
+            rng, scene = sample_rng(c["seed"], "duplicates", i), _scene_of(c, i, duplicates)
+            meta = {**scene, "duplicate_of": image_key(duplicates[i])}
+        else:
+            rng = sample_rng(c["seed"], "images", i)
+            scene = meta = sample_scene(rng, c["second_object_p"], HELD_OUT)
         jpg = encode_jpeg(render_scene(scene, c["image_size"], rng))
-        yield image_key(i), {"jpg": jpg, "json": _json_bytes(scene)}
+        yield image_key(i), {"jpg": jpg, "json": _json_bytes(meta)}
+
+
+def _describing_targets(c: dict, n: int, rng: np.random.Generator) -> np.ndarray:
+    """Images the describing sentences are about: n distinct ones uniformly, or with head_skew > 0
+    drawn with replacement, shape k weighted (k + 1) ** -head_skew."""
+    if c["head_skew"] <= 0:
+        return rng.choice(c["n_images"], size=n, replace=False) if n else np.zeros(0, np.int64)
+    duplicates = duplicate_plan(c)
+    shapes = np.array([SHAPES.index(_scene_of(c, i, duplicates)["objects"][0]["shape"]) for i in range(c["n_images"])])
+    share = (np.arange(len(SHAPES)) + 1.0) ** -c["head_skew"]
+    per_image = share[shapes] / np.bincount(shapes, minlength=len(SHAPES))[shapes]
+    return rng.choice(c["n_images"], size=n, replace=True, p=per_image / per_image.sum())
 
 
 def text_plan(c: dict) -> list[tuple[str, Any]]:
     """The corpus layout, in corpus order: ("describing", image index), ("other_scene", source) or
     ("nonvisual", None). Drawn from its own seed, so each sentence can be regenerated alone."""
     n_describing = round(c["n_texts"] * c["describing_fraction"])
-    if n_describing > c["n_images"]:
+    if n_describing > c["n_images"] and c["head_skew"] <= 0:
         raise SyntheticConfigError(f"{n_describing} describing sentences need as many distinct images, "
                          f"but n_images={c['n_images']}; lower describing_fraction or n_texts")
     n_distractors = c["n_texts"] - n_describing
     n_other = (n_distractors + 1) // 2
     rng = np.random.default_rng([c["seed"], SPLIT_IDS["text_plan"]])
-    targets = rng.choice(c["n_images"], size=n_describing, replace=False) if n_describing else []
+    targets = _describing_targets(c, n_describing, rng)
     entries = [("describing", int(t)) for t in targets]
     entries += [("other_scene", "held_out_combination" if j % 2 == 0 else "unseen_object") for j in range(n_other)]
     entries += [("nonvisual", None)] * (n_distractors - n_other)
     return [entries[p] for p in rng.permutation(len(entries))]
 
 
-def _text_sentence(c: dict, k: int, kind: str, arg: Any) -> tuple[str, dict]:
+def _text_sentence(c: dict, k: int, kind: str, arg: Any, duplicates: dict[int, int]) -> tuple[str, dict]:
     rng = sample_rng(c["seed"], "texts", k)
     if kind == "describing":
-        scene = image_scene(c["seed"], arg, c["second_object_p"])
+        scene = _scene_of(c, arg, duplicates)
         return caption(scene, rng), {"kind": kind, "image_key": image_key(arg)}
     if kind == "other_scene" and arg == "held_out_combination":
         shape, colour = _pick(rng, sorted(HELD_OUT))
@@ -365,8 +421,9 @@ def _text_sentence(c: dict, k: int, kind: str, arg: Any) -> tuple[str, dict]:
 
 
 def _text_samples(c: dict) -> Iterator[Sample]:
+    duplicates = duplicate_plan(c)
     for k, (kind, arg) in enumerate(text_plan(c)):
-        sentence, meta = _text_sentence(c, k, kind, arg)
+        sentence, meta = _text_sentence(c, k, kind, arg, duplicates)
         yield f"text-{k:07d}", {"txt": sentence.encode("utf-8"), "json": _json_bytes(meta)}
 
 
@@ -390,6 +447,7 @@ def _caption_samples(c: dict) -> Iterator[Sample]:
 
 
 CAPTIONS_PER_IMAGE = 2
+METADATA = "metadata.txt"
 
 
 def _eval_samples(c: dict, task: str) -> Iterator[Sample]:
@@ -494,6 +552,7 @@ def write_world(out_dir: str | os.PathLike, cfg: SyntheticConfig, force: bool = 
     for task, classnames in EVAL_CLASSNAMES.items():
         _atomic_write_text(out / "eval" / task / "classnames.txt", "\n".join(classnames) + "\n")
         _atomic_write_text(out / "eval" / task / "templates.txt", "\n".join(EVAL_TEMPLATES[task]) + "\n")
+    _atomic_write_text(out / METADATA, "\n".join(metadata_entries()) + "\n")
 
     world = {
         "format_version": FORMAT_VERSION,
@@ -503,6 +562,8 @@ def write_world(out_dir: str | os.PathLike, cfg: SyntheticConfig, force: bool = 
         "counts": {**{name: c[_SPLITS[name][1]] for name in _SPLITS}, **kinds},
         "classnames": EVAL_CLASSNAMES,
         "held_out_combinations": sorted(list(pair) for pair in HELD_OUT),
+        "duplicates": {image_key(d): image_key(src) for d, src in duplicate_plan(c).items()},
+        "metadata": METADATA,
         "shards": shards,
     }
     _atomic_write_text(out / "world.json", json.dumps(world, indent=2, sort_keys=True) + "\n")

@@ -21,7 +21,8 @@ def classifier_weights(encode_texts: Callable[[list[str]], torch.Tensor], classn
 
 
 def zero_shot_metrics(image: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor) -> dict:
-    """{'top1', 'top5', 'mean_per_class', 'n'} of argmax(image . class) against the labels."""
+    """{'top1', 'top5', 'mean_per_class', 'per_class', 'n'} of argmax(image . class) against the labels;
+    per_class: top-1 of each class id in 0..n_classes-1 (None for a class with no sample)."""
     if not len(labels):
         raise ValueError("zero-shot evaluation got no samples")
     if labels.min() < 0 or labels.max() >= weights.shape[1]:
@@ -29,6 +30,8 @@ def zero_shot_metrics(image: torch.Tensor, labels: torch.Tensor, weights: torch.
                          f"{weights.shape[1]} class names")
     topk = (image.float() @ weights.float()).topk(min(5, weights.shape[1]), dim=1).indices
     hit1 = topk[:, 0] == labels
-    per_class = [hit1[labels == c].float().mean().item() for c in labels.unique()]
+    per_class = [hit1[labels == c].float().mean().item() if (labels == c).any() else None
+                 for c in range(weights.shape[1])]
+    present = [a for a in per_class if a is not None]
     return {"top1": hit1.float().mean().item(), "top5": (topk == labels[:, None]).any(dim=1).float().mean().item(),
-            "mean_per_class": sum(per_class) / len(per_class), "n": int(len(labels))}
+            "mean_per_class": sum(present) / len(present), "per_class": per_class, "n": int(len(labels))}

@@ -26,7 +26,8 @@ def test_demo_end_to_end_then_reuses_teacher(tmp_path):
     first = _demo(tmp_path)
     assert first.returncode == 0, first.stderr[-3000:]
     assert "teacher trained in" in first.stdout
-    models = ("teacher (CLIP, paired)", "student DIME-FM (unpaired)", "student from scratch (paired)")
+    models = ("teacher (CLIP, paired)", "student DIME-FM (raw pool)", "student DIME-FM (curated pool)",
+              "student from scratch (paired)")
     for column in models:
         assert column in first.stdout
     for row in ("zero-shot top-1", "image->text R@1", "linear probe top-1", "image params"):
@@ -39,9 +40,17 @@ def test_demo_end_to_end_then_reuses_teacher(tmp_path):
             assert metrics["n"] == 16 and 0.0 <= metrics["top1"] <= metrics["top5"] <= 1.0
         assert per_set["captions"]["images"] == 16 and per_set["captions"]["texts"] == 32
         assert 0.0 <= per_set["shape_probe"]["top1"] <= 1.0
+    # MetaCLIP curation beside it: per shape class, sentences in every pool and per-class zero-shot
+    assert "MetaCLIP curation" in first.stdout and "grounded corpus (curated pool)" in first.stdout
+    coverage = results["curation"]["coverage"]
+    assert set(coverage["sizes"]) == {"raw pool", "curated pool", "grounded raw", "grounded curated"}
+    assert coverage["sizes"]["curated pool"] == results["curation"]["report"]["sentences_kept"]
+    assert coverage["sizes"]["curated pool"] <= coverage["sizes"]["raw pool"]
+    for per_class in coverage["zero_shot_per_class"].values():
+        assert len(per_class) == 8
     saved = json.loads((tmp_path / "runs" / "demo" / "eval" / "synthetic.json").read_text())
     assert saved["results"] == results["eval"]
-    for run in ("demo", "demo_baseline"):
+    for run in ("demo", "demo_curated", "demo_baseline"):
         assert (tmp_path / "runs" / run / "config.yaml").is_file()
         assert (tmp_path / "runs" / run / "final" / "student.safetensors").is_file()
         assert list((tmp_path / "runs" / run / "tensorboard").glob("events.out.tfevents.*"))

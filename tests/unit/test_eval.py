@@ -399,3 +399,16 @@ def test_duplicate_class_names_in_a_file_are_refused_but_builtins_are_trusted(tm
     (data / "classnames.txt").write_text("a\nb\na\n")
     res = evaluate_suite(colour_encoder(), eval_cfg(labels=(data, "zeroshot")), progress=False)["labels"]
     assert "'a' is listed twice" in res["error"]
+
+
+def test_zero_shot_per_class_accuracy_by_class_id():
+    import torch
+
+    from dime_ds.eval.zeroshot import zero_shot_metrics
+
+    weights = torch.eye(3)  # class c's direction is axis c
+    image = torch.tensor([[1.0, 0, 0], [0, 1.0, 0], [1.0, 0, 0], [0, 1.0, 0]])
+    labels = torch.tensor([0, 1, 1, 1])  # class 2 has no sample; one of three class-1 images is wrong
+    m = zero_shot_metrics(image, labels, weights)
+    assert m["per_class"] == pytest.approx([1.0, 2 / 3, None])
+    assert m["mean_per_class"] == pytest.approx((1.0 + 2 / 3) / 2) and m["top1"] == 0.75

@@ -102,7 +102,8 @@ def test_existing_world_is_kept_and_changed_config_regenerates(tmp_path):
 def test_world_json(world_dir):
     world = json.loads((world_dir / "world.json").read_text())
     assert world["format_version"] == syn.FORMAT_VERSION
-    assert world["config"] == TINY and world["seed"] == TINY["seed"]
+    assert world["config"] == {**TINY, "head_skew": 0.0, "duplicate_fraction": 0.0} and world["seed"] == TINY["seed"]
+    assert world["duplicates"] == {}
     assert world["counts"]["images"] == 40 and world["counts"]["texts"] == 60
     assert world["classnames"] == {"shape": list(syn.SHAPES), "colour": list(syn.COLOURS)}
     for name, entries in world["shards"].items():
@@ -261,4 +262,47 @@ def test_cli_writes_world_and_prints_summary(tmp_path, capsys):
     samples = [decode_sample(s) for s in iter_tar_samples(list_shards(str(tmp_path / "eval" / "captions")))]
     assert len(samples) == TINY["n_eval"]
     assert all(len(s["text"].splitlines()) == 2 and s["image"] for s in samples)  # two captions per image
-    assert json.loads((tmp_path / "world.json").read_text())["config"] == TINY
+    assert json.loads((tmp_path / "world.json").read_text())["config"] == {**TINY, "head_skew": 0.0,
+                                                                          "duplicate_fraction": 0.0}
+
+
+# ------------------------------------------------------------------ head-heavy corpus, duplicates, metadata
+
+def test_head_skew_makes_describing_sentences_follow_zipf_over_shapes():
+    c = syn.config_values(_cfg(n_images=800, n_texts=2000, describing_fraction=0.5, head_skew=1.5))
+    duplicates = syn.duplicate_plan(c)
+    targets = [arg for kind, arg in syn.text_plan(c) if kind == "describing"]
+    shapes = Counter(syn._scene_of(c, t, duplicates)["objects"][0]["shape"] for t in targets)
+    share = (np.arange(len(syn.SHAPES)) + 1.0) ** -1.5
+    expected = 1000 * share / share.sum()
+    for k, shape in enumerate(syn.SHAPES):  # binomial: 4 standard deviations
+        sd = np.sqrt(expected[k] * (1 - expected[k] / 1000))
+        assert abs(shapes[shape] - expected[k]) < 4 * sd + 1, (shape, shapes[shape], expected[k])
+    assert len(set(targets)) < len(targets)  # head images are described several times
+    # the default keeps one sentence per distinct image, as before
+    flat = [a for kind, a in syn.text_plan(syn.config_values(_cfg())) if kind == "describing"]
+    assert len(set(flat)) == len(flat)
+
+
+def test_duplicates_repeat_their_source_scene_with_other_pixels(tmp_path):
+    out = tmp_path / "w"
+    world = syn.write_world(out, _cfg(duplicate_fraction=0.25), progress=False)
+    assert len(world["duplicates"]) == 10
+    samples = {s["__key__"]: s for s in _read(out / "images", decode=True)}
+    for dup, src in world["duplicates"].items():
+        assert src not in world["duplicates"]  # a copy of an original, never of a copy
+        scene = json.loads(samples[dup]["json"])
+        assert scene.pop("duplicate_of") == src and scene == json.loads(samples[src]["json"])
+        a, b = (np.asarray(samples[k]["jpg"], dtype=np.float32) for k in (dup, src))
+        assert 0 < np.abs(a - b).mean() < 20  # near, not identical: own noise and jitter
+
+
+def test_metadata_lists_the_world_concepts_once_and_every_visual_sentence_matches(world_dir):
+    from dime_ds.curate.metaclip import match
+
+    entries = (world_dir / syn.METADATA).read_text().splitlines()
+    assert len(entries) == len(set(entries)) and set(syn.SHAPES) | set(syn.COLOURS) <= set(entries)
+    texts = [(s["txt"].decode(), json.loads(s["json"])["kind"]) for s in _read(world_dir / "texts")]
+    matched = match([t for t, _ in texts], entries)
+    for (text, kind), m in zip(texts, matched):
+        assert m or kind == "nonvisual", text  # every describing / other-scene sentence names a concept
