@@ -4,6 +4,7 @@ load like any hub model. A teacher whose recipe (architecture, data content, los
 seed) is unchanged is reused."""
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -21,9 +22,21 @@ from dime_ds.models import build_student, read_openclip_dir, save_openclip_dir, 
 log = logging.getLogger(__name__)
 
 
+RECIPE_SECTIONS = ("student", "loss", "optim")
+
+
+def set_values(values: dict, defaults: dict) -> dict:
+    """The entries of a config section that differ from the schema's defaults. A knob added to the
+    schema later, with the old behaviour as its default, then leaves the recipe (and every user's
+    cached teacher) as it was."""
+    return {k: v for k, v in values.items() if k not in defaults or v != defaults[k]}
+
+
 def recipe_hash(cfg: RootConfig) -> str:
     """What determines the trained model: architecture, data, loss, optimiser, seed."""
-    parts = {k: OmegaConf.to_container(cfg[k], resolve=True) for k in ("student", "loss", "optim")}
+    schema = RootConfig()
+    parts = {k: set_values(OmegaConf.to_container(cfg[k], resolve=True), dataclasses.asdict(getattr(schema, k)))
+             for k in RECIPE_SECTIONS}
     # The data by content, so a regenerated world retrains the teacher.
     parts["data"] = {"paired": [sha256_file(p) for p in list_shards(cfg.data.paired)],
                      "augment": cfg.data.augment, "crop_scale_min": cfg.data.crop_scale_min}
