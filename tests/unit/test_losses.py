@@ -105,10 +105,11 @@ def test_row_blocks_average_to_the_whole_batch(own_text):
 
 
 def test_teacher_text_tower_has_no_sentence_ud_term():
-    t_img, t_txt, s_img = torch.randn(5, 8), torch.randn(7, 8), torch.randn(5, 8)
+    g = torch.Generator().manual_seed(0)  # seeded: the float32 KL of two paths is compared at rel 1e-5
+    t_img, t_txt, s_img = (torch.randn(n, 8, generator=g) for n in (5, 7, 5))
     frozen = dime_losses(t_img, t_txt, s_img, t_txt, **{**PAPER, "w_ud": 1.0})
     copy = dime_losses(t_img, t_txt, s_img, t_txt.clone(), **{**PAPER, "w_ud": 1.0})  # same values, "own" tower
-    assert frozen["ud"].item() == pytest.approx(copy["ud"].item(), abs=1e-5)
+    assert frozen["ud"].item() == pytest.approx(copy["ud"].item(), rel=1e-5, abs=1e-6)
     image_only = 2 * _kl_rows(100 * _unit(t_img.double()) @ _unit(t_img.double()).T,
                               100 * _unit(s_img.double()) @ _unit(s_img.double()).T, 7.0)
     assert frozen["ud"].item() == pytest.approx(image_only, rel=1e-4)
