@@ -16,6 +16,7 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from dime_ds.data.embeddings import atomic_write
+from dime_ds.data.key_index import KeyIndex
 from dime_ds.errors import UserError
 
 FORMAT_VERSION = 1
@@ -77,7 +78,12 @@ class PseudoLabels:
         if self.centroids.shape != (self.manifest["k"], self.manifest["dim"]) or len(keys) != self.manifest["count"]:
             raise PseudoLabelError(f"{self.dir}: files do not match {MANIFEST} (k={self.manifest['k']}, "
                                    f"dim={self.manifest['dim']}, count={self.manifest['count']})")
-        self._index = dict(zip(keys.tolist(), labels.tolist()))
+        key_list = keys.tolist()
+        self._index = KeyIndex(lambda: [key_list])  # compact: 16 B a key, not a dict's ~150
+        self._labels = np.append(labels.astype(np.int64), UNLABELLED)  # row -1: a key never seen
+
+    def __reduce__(self):
+        return type(self), (self.dir,)  # re-indexed in the receiving process (salted str hash)
 
     @property
     def k(self) -> int:
@@ -88,4 +94,4 @@ class PseudoLabels:
 
     def lookup(self, keys: Sequence[str]) -> np.ndarray:
         """int64 labels in the order of `keys`; UNLABELLED for a key the stage never saw."""
-        return np.fromiter((self._index.get(k, UNLABELLED) for k in keys), dtype=np.int64, count=len(keys))
+        return self._labels[self._index.rows(list(keys))]

@@ -25,6 +25,7 @@ from typing import Any, Iterable, Iterator, Mapping, Sequence
 import numpy as np
 import torch
 
+from dime_ds.data.key_index import KeyIndex, RepeatedKeyError
 from dime_ds.errors import UserError
 
 FORMAT_VERSION = 2  # 2: views, recipe, view_seed added; format 1 caches read as one view per sample
@@ -262,11 +263,8 @@ class EmbeddingCache:
     view's parameters (`view_params`); `rows` gives view 0, the centre view, for stages that want
     one embedding per sample (Algorithm 1, clustering).
 
-    The key -> row index is compact (sorted 64-bit key hashes and their global rows, 16 bytes a key,
-    where a dict of strings takes ~150), so tens of millions of keys fit in every rank. Two cached
-    keys with one hash are found at build and kept in a small side table; a repeated key is an error.
-    (A key *absent* from the cache whose hash equals a cached key's, odds ~len/2**64 a lookup, would
-    not be reported missing.)"""
+    Keys are found through a compact data.key_index.KeyIndex over the global rows (a repeated key
+    is an error)."""
 
     def __init__(self, directory: str | os.PathLike):
         self.directory = Path(directory)
@@ -280,32 +278,15 @@ class EmbeddingCache:
         self._params = [_load_view_params(self.directory, r, self.views) for r in self.manifest["shards"]] \
             if self.views > 1 else None
         self._starts = np.cumsum([0] + [len(a) for a in self.shards])
-        hashes = np.empty(int(self._starts[-1]), dtype=np.int64)
-        for i, record in enumerate(self.manifest["shards"]):
-            keys = _read_keys(self.directory, record)
-            hashes[self._starts[i]:self._starts[i + 1]] = np.fromiter(map(hash, keys), np.int64, len(keys))
-        order = np.argsort(hashes, kind="stable")
-        self._hashes, self._rows = hashes[order], order
-        self._colliding: dict[str, int] = {}
-        repeated = np.flatnonzero(self._hashes[1:] == self._hashes[:-1])
-        if len(repeated):
-            self._resolve_collisions(repeated)
+        try:
+            self._index = KeyIndex(lambda: (_read_keys(self.directory, r) for r in self.manifest["shards"]))
+        except RepeatedKeyError as err:
+            raise EmbeddingCacheError(f"embedding cache {self.directory}: {err}") from None
 
     def __reduce__(self):
         # Python's str hash is salted per process and memory maps should not travel by pickle: a
         # copy sent to another process (a spawned DataLoader worker) reopens the directory.
         return type(self), (self.directory,)
-
-    def _resolve_collisions(self, repeated: np.ndarray) -> None:
-        """Same hash for several rows: a repeated key is an error; distinct keys go to a side table."""
-        suspects = self._suspects = set(self._hashes[repeated].tolist())
-        for i, record in enumerate(self.manifest["shards"]):
-            for row, key in enumerate(_read_keys(self.directory, record)):
-                if hash(key) in suspects:
-                    if key in self._colliding:
-                        raise EmbeddingCacheError(f"embedding cache {self.directory}: key {key!r} appears more "
-                                                  "than once")
-                    self._colliding[key] = int(self._starts[i]) + row
 
     def __len__(self) -> int:
         return int(self._starts[-1])
@@ -332,24 +313,12 @@ class EmbeddingCache:
             return np.empty((0, self.dim), np.dtype(DTYPE))
         return pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
 
-    def _row(self, keys: Sequence[str]) -> np.ndarray:
-        rows = np.full(len(keys), -1, dtype=np.int64)
-        wanted = np.fromiter(map(hash, keys), np.int64, len(keys))
-        at = np.minimum(np.searchsorted(self._hashes, wanted), len(self._hashes) - 1)
-        found = self._hashes[at] == wanted
-        rows[found] = self._rows[at[found]]
-        if self._colliding:
-            for i, (key, h) in enumerate(zip(keys, wanted.tolist())):
-                if h in self._suspects:
-                    rows[i] = self._colliding.get(key, -1)
-        return rows
-
     def _gather(self, arrays: list[np.ndarray], keys: Sequence[str], views: Sequence[int] | None,
                 out: np.ndarray) -> np.ndarray:
         """out[i] = the row of keys[i] (its view views[i] in a K-view cache; view 0 when None)."""
         if not len(keys):
             return out
-        rows = self._row(keys)
+        rows = self._index.rows(keys)
         if (rows < 0).any():
             missing = [k for k, r in zip(keys, rows) if r < 0]
             raise KeyError(f"{len(missing)} key(s) not in embedding cache {self.directory} "

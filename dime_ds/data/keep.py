@@ -1,11 +1,10 @@
 """Keep lists: the image keys a curation kept (CLIP-CID's semantic balance writes one), one a line in
 a plain text file, honoured by the image stream (`data.keep=`) without rewriting any shard.
 
-Membership is a sorted array of 64-bit key hashes (8 B a key, where a set of strings takes ~100),
-so 10^8 keys cost 0.8 GB per process. Python's str hash is salted per process, so the array is
-built in the process that asks and a copy sent to another process (a spawned DataLoader worker)
-re-reads the file. A key *not* kept whose hash equals a kept key's (odds ~len/2**64 a key) would
-pass."""
+Membership is a data.key_index.KeyIndex (16 B a key, where a set of strings takes ~100), so 10^8
+keys cost 1.6 GB per process. Python's str hash is salted per process, so the index is built in the
+process that asks and a copy sent to another process (a spawned DataLoader worker) re-reads the file.
+A key listed twice counts once."""
 from __future__ import annotations
 
 import os
@@ -15,6 +14,7 @@ from typing import Iterable
 import numpy as np
 
 from dime_ds.data.embeddings import atomic_write
+from dime_ds.data.key_index import KeyIndex
 from dime_ds.errors import UserError
 
 KEEP_FILE = "keep.txt"  # what a stage directory given as data.keep holds
@@ -52,8 +52,8 @@ class KeepList:
     def __init__(self, spec: str | os.PathLike):
         self.spec = str(spec)
         self.path = keep_file(spec)
-        keys = read_keep_keys(self.path)
-        self._hashes = np.unique(np.fromiter(map(hash, keys), np.int64, len(keys)))
+        keys = list(dict.fromkeys(read_keep_keys(self.path)))  # a key listed twice counts once
+        self._index = KeyIndex(lambda: [keys])
         self._count = len(keys)
 
     def __reduce__(self):
@@ -63,13 +63,8 @@ class KeepList:
         return self._count
 
     def __contains__(self, key: str) -> bool:
-        h = hash(key)
-        at = int(np.searchsorted(self._hashes, h))
-        return at < len(self._hashes) and int(self._hashes[at]) == h
+        return bool(self._index.rows([key])[0] >= 0)
 
     def mask(self, keys: Iterable[str]) -> np.ndarray:
         """bool per key: kept."""
-        keys = list(keys)
-        wanted = np.fromiter(map(hash, keys), np.int64, len(keys))
-        at = np.minimum(np.searchsorted(self._hashes, wanted), max(len(self._hashes) - 1, 0))
-        return self._hashes[at] == wanted if len(self._hashes) else np.zeros(len(keys), bool)
+        return self._index.rows(list(keys)) >= 0
