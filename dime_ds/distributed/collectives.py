@@ -39,23 +39,25 @@ def _comm_device(t: torch.Tensor) -> torch.device:
     return t.device
 
 
-def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
-    """Mean over ranks, out of place, no gradient, on `t`'s device (a CPU tensor is fine on NCCL)."""
+def _all_reduce(t: torch.Tensor, op) -> torch.Tensor:
+    """`op` over ranks, out of place, no gradient, on `t`'s device (a CPU tensor is fine on NCCL)."""
     if not is_distributed() or world_size() == 1:
         return t.detach().clone()
-    out = t.detach().to(_comm_device(t), copy=True)
-    dist.all_reduce(out, op=dist.ReduceOp.SUM)
-    return (out / world_size()).to(t.device)
+    out = t.detach().to(_comm_device(t), copy=True).contiguous()
+    dist.all_reduce(out, op=op)
+    return out.to(t.device)
+
+
+def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
+    """Mean over ranks, out of place, no gradient, on `t`'s device (a CPU tensor is fine on NCCL)."""
+    out = _all_reduce(t, dist.ReduceOp.SUM)
+    return out / world_size() if is_distributed() and world_size() > 1 else out
 
 
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     """Sum over ranks, out of place, no gradient, on `t`'s device. Integer tensors sum exactly, in
     any order: what a result that must not depend on the rank split sums (entry counts)."""
-    if not is_distributed() or world_size() == 1:
-        return t.detach().clone()
-    out = t.detach().to(_comm_device(t), copy=True)
-    dist.all_reduce(out, op=dist.ReduceOp.SUM)
-    return out.to(t.device)
+    return _all_reduce(t, dist.ReduceOp.SUM)
 
 
 def reduce_scalar(value: float, op: str = "sum") -> float:
@@ -117,11 +119,7 @@ def gather_with_grad(t: torch.Tensor) -> torch.Tensor:
 
 def all_reduce_max(t: torch.Tensor) -> torch.Tensor:
     """Element-wise max over ranks, out of place, no gradient (a softmax's shift: any value works)."""
-    if not is_distributed() or world_size() == 1:
-        return t.detach().clone()
-    out = t.detach().to(_comm_device(t), copy=True)
-    dist.all_reduce(out, op=dist.ReduceOp.MAX)
-    return out.to(t.device)
+    return _all_reduce(t, dist.ReduceOp.MAX)
 
 
 class _AllReduceSumWithGrad(torch.autograd.Function):
@@ -131,16 +129,11 @@ class _AllReduceSumWithGrad(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, t: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        out = t.detach().to(_comm_device(t), copy=True)
-        dist.all_reduce(out, op=dist.ReduceOp.SUM)
-        ctx.device = t.device
-        return out.to(t.device)
+        return _all_reduce(t, dist.ReduceOp.SUM)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        out = grad.detach().to(_comm_device(grad), copy=True).contiguous()
-        dist.all_reduce(out, op=dist.ReduceOp.SUM)
-        return out.to(ctx.device)
+        return _all_reduce(grad, dist.ReduceOp.SUM)
 
 
 def all_reduce_sum_with_grad(t: torch.Tensor) -> torch.Tensor:
