@@ -4,8 +4,9 @@ Every sample draws from its own `numpy.random.default_rng([seed, split_id, index
 can be regenerated alone and nothing depends on shard size. `write_world` writes, under one root:
 
 - `images/`       unpaired images (jpg + json scene attributes), no captions: the distillation images.
-                  A `duplicate_fraction` share re-render another image's scene with fresh noise and
-                  jitter (json `duplicate_of`): the near-duplicates that semantic balance should find.
+                  A `duplicate_fraction` share are near-duplicates of another image (json
+                  `duplicate_of`): its pixels with sensor noise of their own, re-encoded at another
+                  JPEG quality, as a re-upload is; what semantic balance should find.
 - `texts/`        the unpaired text corpus (txt + json), shuffled, of three kinds:
     describing    a grammar sentence about one distinct, randomly chosen image of `images/`;
     other_scene   visual sentences about things `images/` never contains. Half (even-numbered ones)
@@ -50,9 +51,10 @@ from dime_ds.config.schema import SyntheticConfig
 from dime_ds.data.shards import ShardWriter, sha256_file
 from dime_ds.errors import UserError
 
-FORMAT_VERSION = 5  # 2: eval sets carry templates.txt; 3: shape prompts name colours; 4: eval/captions;
-# 5: metadata.txt, head_skew, duplicate_fraction
+FORMAT_VERSION = 6  # 2: eval sets carry templates.txt; 3: shape prompts name colours; 4: eval/captions;
+# 5: metadata.txt, head_skew, duplicate_fraction; 6: a duplicate is its source's pixels, noised and re-encoded
 JPEG_QUALITY = 90
+DUPLICATE_NOISE_STD, DUPLICATE_JPEG_QUALITY = 4.0, 85  # a near-duplicate's own noise and re-encoding
 
 SHAPES = ("circle", "square", "triangle", "star", "cross", "diamond", "hexagon", "ring")
 COLOURS = {  # fixed RGB, far apart from each other and from the backgrounds' hues
@@ -178,6 +180,14 @@ def _scene_of(c: dict, index: int, duplicates: dict[int, int]) -> dict:
     return image_scene(c["seed"], duplicates.get(index, index), c["second_object_p"])
 
 
+def image_scenes(cfg: SyntheticConfig) -> list[dict]:
+    """The scene of every unpaired image, in index order (a near-duplicate shows its source's): what
+    the images show, without the noise and jitter each rendering draws."""
+    c = config_values(cfg)
+    duplicates = duplicate_plan(c)
+    return [_scene_of(c, i, duplicates) for i in range(c["n_images"])]
+
+
 # -------------------------------------------------------------------------------------- rendering
 
 def _regular_polygon(cx: float, cy: float, r: float, n: int, start_deg: float = -90.0) -> list[tuple[float, float]]:
@@ -235,10 +245,18 @@ def render_scene(scene: dict, image_size: int, rng: np.random.Generator) -> Imag
     return image
 
 
-def encode_jpeg(image: Image.Image) -> bytes:
+def encode_jpeg(image: Image.Image, quality: int = JPEG_QUALITY) -> bytes:
     buffer = io.BytesIO()
-    image.save(buffer, format="JPEG", quality=JPEG_QUALITY)
+    image.save(buffer, format="JPEG", quality=quality)
     return buffer.getvalue()
+
+
+def near_duplicate(image: Image.Image, rng: np.random.Generator) -> Image.Image:
+    """A re-upload of `image`: the same pixels with fresh noise (re-encoded by the caller at
+    DUPLICATE_JPEG_QUALITY). Not re-rendered: a re-rendering moves the objects, and the demo
+    teacher, a tiny ViT on 64 px, tells a one-pixel shift apart as well as two different scenes."""
+    pixels = np.asarray(image, dtype=np.float32) + rng.normal(0.0, DUPLICATE_NOISE_STD, (*image.size[::-1], 3))
+    return Image.fromarray(np.clip(np.rint(pixels), 0, 255).astype(np.uint8), "RGB")
 
 
 # ---------------------------------------------------------------------------------------- grammar
@@ -368,13 +386,17 @@ def image_key(index: int) -> str:
 def _image_samples(c: dict) -> Iterator[Sample]:
     duplicates = duplicate_plan(c)
     for i in range(c["n_images"]):
-        if i in duplicates:  # the source's scene, drawn with noise and jitter of its own
-            rng, scene = sample_rng(c["seed"], "duplicates", i), _scene_of(c, i, duplicates)
-            meta = {**scene, "duplicate_of": image_key(duplicates[i])}
+        if i in duplicates:  # the source's pixels (its own rng redrawn), noise of its own
+            source = duplicates[i]
+            rng = sample_rng(c["seed"], "images", source)
+            scene = sample_scene(rng, c["second_object_p"], HELD_OUT)
+            meta = {**scene, "duplicate_of": image_key(source)}
+            copy = near_duplicate(render_scene(scene, c["image_size"], rng), sample_rng(c["seed"], "duplicates", i))
+            jpg = encode_jpeg(copy, DUPLICATE_JPEG_QUALITY)
         else:
             rng = sample_rng(c["seed"], "images", i)
             scene = meta = sample_scene(rng, c["second_object_p"], HELD_OUT)
-        jpg = encode_jpeg(render_scene(scene, c["image_size"], rng))
+            jpg = encode_jpeg(render_scene(scene, c["image_size"], rng))
         yield image_key(i), {"jpg": jpg, "json": _json_bytes(meta)}
 
 

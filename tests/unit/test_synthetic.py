@@ -284,7 +284,7 @@ def test_head_skew_makes_describing_sentences_follow_zipf_over_shapes():
     assert len(set(flat)) == len(flat)
 
 
-def test_duplicates_repeat_their_source_scene_with_other_pixels(tmp_path):
+def test_duplicates_are_their_source_with_noise_of_their_own(tmp_path):
     out = tmp_path / "w"
     world = syn.write_world(out, _cfg(duplicate_fraction=0.25), progress=False)
     assert len(world["duplicates"]) == 10
@@ -294,7 +294,7 @@ def test_duplicates_repeat_their_source_scene_with_other_pixels(tmp_path):
         scene = json.loads(samples[dup]["json"])
         assert scene.pop("duplicate_of") == src and scene == json.loads(samples[src]["json"])
         a, b = (np.asarray(samples[k]["jpg"], dtype=np.float32) for k in (dup, src))
-        assert 0 < np.abs(a - b).mean() < 20  # near, not identical: own noise and jitter
+        assert 0 < np.abs(a - b).mean() < 8  # near, not identical: own noise and re-encoding
 
 
 def test_metadata_lists_the_world_concepts_once_and_every_visual_sentence_matches(world_dir):
