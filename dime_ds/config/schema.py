@@ -270,6 +270,20 @@ class SlurmConfig:
     job_dir: str = "${work_dir}/jobs"
 
 
+DEMO_COMPARISONS = ("curation", "balance", "cid", "views")
+
+
+@dataclass
+class DemoConfig:
+    """What `make demo` (`python -m dime_ds.demo`) trains and compares beside its DIME-FM student and
+    the from-scratch yardstick; dime_ds/demo/comparisons.py holds each comparison."""
+
+    # curation: the MetaCLIP-curated sentence pool | balance: CLIP-CID's semantic balance of the
+    # images | cid: CLIP-CID's cluster and instance terms on the balanced pool (implies balance) |
+    # views: the teacher cached as one plain view (no augmentation) and as 4 augmented views
+    compare: List[str] = field(default_factory=lambda: list(DEMO_COMPARISONS))
+
+
 @dataclass
 class RootConfig:
     name: str = "dime_ds"
@@ -292,6 +306,7 @@ class RootConfig:
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     slurm: SlurmConfig = field(default_factory=SlurmConfig)
+    demo: DemoConfig = field(default_factory=DemoConfig)
 
 
 SCHEMA_NAME = "dime_ds_schema"

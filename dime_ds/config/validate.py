@@ -5,6 +5,7 @@ import dataclasses
 
 from omegaconf import DictConfig, OmegaConf
 
+from dime_ds.config.schema import DEMO_COMPARISONS
 from dime_ds.errors import UserError
 
 
@@ -128,6 +129,9 @@ def validate(cfg: DictConfig) -> None:
     if not cfg.eval.probe.reg or any(r < 0 for r in cfg.eval.probe.reg):
         errors.append(f"eval.probe.reg={list(cfg.eval.probe.reg)} must be a non-empty list of L2 strengths >= 0")
     errors.extend(_curate_errors(cfg.curate))
+    unknown = [c for c in cfg.demo.compare if c not in DEMO_COMPARISONS]
+    if unknown:
+        errors.append(f"demo.compare has {unknown}; allowed: {', '.join(DEMO_COMPARISONS)}")
     if errors:
         raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(errors))
 

@@ -1,24 +1,27 @@
 """`make demo`: the embedded default on one CPU machine, nothing downloaded.
 
-1. writes the synthetic world (unpaired images, a mostly non-visual corpus, pairs, labelled sets);
+1. writes the synthetic world (unpaired images with planted near-duplicates, a head-heavy and mostly
+   non-visual corpus, pairs, labelled sets);
 2. trains the demo teacher with the CLIP loss on the pairs (or reuses it while its recipe holds)
    and saves it as an OpenCLIP model directory, loaded afterwards like any hub model;
-3. embeds images and the (head-heavy) corpus with the teacher and keeps a grounded corpus
-   (Algorithm 1); curates the corpus with MetaCLIP against the world's concept list
-   (`experiment=demo_curated`) and grounds the curated pool too;
-4. distills the teacher into a smaller student with DIME-FM on unpaired images and each grounded
-   corpus (raw pool, curated pool);
-5. trains the same student architecture from scratch with the CLIP loss on as many *paired*
+3. embeds images and corpus with the teacher and keeps a grounded corpus (Algorithm 1);
+4. distills the teacher into a smaller student with DIME-FM on the unpaired images and the
+   grounded corpus (live teacher, augmented images);
+5. beside it, the comparisons of `demo.compare` (dime_ds/demo/comparisons.py), each with its own
+   stages and students: `curation` (the corpus curated with MetaCLIP, then grounded), `balance`
+   (the image pool semantically balanced, scored against the planted duplicates), `cid` (CLIP-CID's
+   cluster and instance terms on the balanced pool), `views` (the teacher cached as one plain view
+   without augmentation, and as 4 augmented views);
+6. trains the same student architecture from scratch with the CLIP loss on as many *paired*
    samples, the yardstick;
-6. evaluates the models with `dime_ds.eval` (the students from their checkpoints) and prints one
-   table: zero-shot, retrieval and linear probe per set, image-tower parameters, samples/s; then,
-   per shape class, the sentences naming it in each pool and the two DIME-FM students' zero-shot
-   accuracy on it (curation should lift the tail classes).
+7. evaluates the models with `dime_ds.eval` (the students from their checkpoints) and prints one
+   table: zero-shot, retrieval and linear probe per set, image-tower parameters, samples/s; then
+   each comparison's lines.
 
-Extra arguments are Hydra overrides (e.g. `work_dir=/tmp/demo optim.steps=300`). Those of the
-training recipe (optim, loss, student, eval, ckpt) apply to the two students only: the cached
-teacher keeps its own recipe (`experiment=demo_teacher`), changed with a `pretrain.` prefix
-(`pretrain.optim.steps=200`); the rest (work_dir, data, seed, ...) apply to every stage."""
+Extra arguments are Hydra overrides (e.g. `work_dir=/tmp/demo optim.steps=300 demo.compare=[views]`).
+Those of the training recipe (optim, loss, student, eval, ckpt, teacher) apply to the students only:
+the cached teacher keeps its own recipe (`experiment=demo_teacher`), changed with a `pretrain.`
+prefix (`pretrain.optim.steps=200`); the rest (work_dir, data, seed, ...) apply to every stage."""
 from __future__ import annotations
 
 import json
@@ -103,80 +106,49 @@ def _models_table(distill_cfg: RootConfig, summaries: dict, teacher_speed: float
                    extra_rows=extra, notes=notes)
 
 
-def _ground(cfg: RootConfig) -> dict:
-    """Embed (shards embedded earlier from unchanged sources are skipped) and ground cfg's pool."""
-    from dime_ds.embed.stage import run_embed_stage
-    from dime_ds.ground.stage import run_match_stage
-
-    run_embed_stage(cfg)
-    return run_match_stage(cfg)
-
-
-def _curation_lines(raw_cfg: RootConfig, curated_cfg: RootConfig, curation: dict, results: dict) -> tuple[list[str], dict]:
-    """Per shape class: sentences naming it in the raw and curated pools and in both grounded corpora,
-    beside the two DIME-FM students' zero-shot top-1 on that class."""
-    from dime_ds.demo.coverage import coverage_table, pool_sentences
-    from dime_ds.demo.synthetic import SHAPES
-
-    pools = {"raw pool": pool_sentences(raw_cfg.data.corpus),
-             "curated pool": pool_sentences(str(Path(curated_cfg.curate.out_dir) / "corpus")),
-             "grounded raw": pool_sentences(raw_cfg.data.texts),
-             "grounded curated": pool_sentences(curated_cfg.data.texts)}
-    per_class = {name: results[column]["shape"]["per_class"] for name, column in
-                 (("raw", RAW_COLUMN), ("curated", CURATED_COLUMN))}
-    table, record = coverage_table(pools, SHAPES, per_class)
-    lines = [f"\nMetaCLIP curation (t = {curation['t']:.0f}, {curation['entries']['head']} head entries of "
-             f"{curation['entries']['total']}): {curation['sentences_kept']} of {curation['sentences']} sentences kept; "
-             "sentences naming each shape class, and the DIME-FM students' zero-shot top-1 per class (%):", table]
-    return lines, {**record, "t": curation["t"], "kept": curation["sentences_kept"]}
-
-
-RAW_COLUMN, CURATED_COLUMN = "student DIME-FM (raw pool)", "student DIME-FM (curated pool)"
+BASELINE_COLUMN = "student from scratch (paired)"
 
 
 def main(overrides: Sequence[str]) -> int:
     # The stages import torch, DeepSpeed and faiss: after --help and a bad config have been answered.
-    from dime_ds.curate.stage import run_curate_stage
+    from dime_ds.demo.comparisons import RAW_COLUMN, ground, grounding_line, grounding_record, selected
     from dime_ds.engine.run import run_training
 
     start = time.time()
-    distill_cfg = load_config(["experiment=demo", *student_overrides(overrides)])
-    curated_cfg = load_config(["experiment=demo_curated", *student_overrides(overrides)])
-    baseline_cfg = load_config(["experiment=demo_baseline", *student_overrides(overrides)])
-    trained = ensure_teacher(overrides, teacher_dir(distill_cfg))
-    grounding = _ground(distill_cfg)
-    curation = run_curate_stage(curated_cfg)
-    curated_grounding = _ground(curated_cfg)
 
-    distilled = run_training(distill_cfg)
-    curated = run_training(curated_cfg)
-    baseline = run_training(baseline_cfg)
+    def config(experiment: str) -> RootConfig:
+        return load_config([f"experiment={experiment}", *student_overrides(overrides)])
+
+    distill_cfg = config("demo")
+    comparisons = selected(distill_cfg.demo.compare)
+    cfgs = {s.experiment: config(s.experiment) for c in comparisons for s in c.students}
+    baseline_cfg = config("demo_baseline")
+    trained = ensure_teacher(overrides, teacher_dir(distill_cfg))
+    grounding = ground(distill_cfg)
+    prepared = {c.name: c.prepare(cfgs, distill_cfg) for c in comparisons}
+
+    summaries = {RAW_COLUMN: run_training(distill_cfg)}
+    run_dirs = {RAW_COLUMN: distill_cfg.run_dir}
+    for c in comparisons:
+        for s in c.students:
+            summaries[s.column], run_dirs[s.column] = run_training(cfgs[s.experiment]), cfgs[s.experiment].run_dir
+    summaries[BASELINE_COLUMN], run_dirs[BASELINE_COLUMN] = run_training(baseline_cfg), baseline_cfg.run_dir
     # A reused teacher's training figures live in its model directory.
     recorded = trained or read_openclip_dir(teacher_dir(distill_cfg)).get("dime_ds", {})
-    results = _models_table(distill_cfg, {
-        RAW_COLUMN: (distill_cfg.run_dir, distilled),
-        CURATED_COLUMN: (curated_cfg.run_dir, curated),
-        "student from scratch (paired)": (baseline_cfg.run_dir, baseline)}, recorded.get("samples_per_s", 0))
-    curation_lines, coverage = _curation_lines(distill_cfg, curated_cfg, curation, results)
+    results = _models_table(distill_cfg, {name: (run_dirs[name], summary) for name, summary in summaries.items()},
+                            recorded.get("samples_per_s", 0))
+    records, lines = {}, [grounding_line("raw", grounding)]
+    for c in comparisons:
+        more, records[c.name] = c.lines(cfgs, distill_cfg, prepared[c.name], results, summaries)
+        lines += more
     wall = time.time() - start
-    for name, g in (("raw", grounding), ("curated", curated_grounding)):
-        kept = g["kinds"]["kept"]
-        print(f"\ngrounded corpus ({name} pool): {g['sentences_kept']} of {g['sentences']} sentences kept, "
-              f"{100 * kept.get('describing', 0) / max(1, g['sentences_kept']):.1f} % of them describe an image",
-              end="")
-    print("\n".join(["", *curation_lines]))
+    print("\n" + "\n".join(lines))
     print(f"{distill_cfg.optim.steps} steps x {distill_cfg.optim.global_batch_size} samples each for every "
           f"student; demo wall time {wall:.0f} s"
           + (f" (teacher trained in {trained['wall_s']:.0f} s)" if trained else " (teacher reused)"))
     out = Path(distill_cfg.run_dir) / "demo_results.json"
-
-    def grounding_record(g):
-        return {k: g[k] for k in ("sentences", "sentences_kept", "rounds", "kinds")}
-
-    out.write_text(json.dumps({"eval": results, "distilled": distilled, "curated": curated, "baseline": baseline,
-                               "grounding": grounding_record(grounding),
-                               "curated_grounding": grounding_record(curated_grounding),
-                               "curation": {"report": curation, "coverage": coverage},
+    out.write_text(json.dumps({"eval": results, "students": summaries, "grounding": grounding_record(grounding),
+                               "compare": [c.name for c in comparisons], **records,
                                "teacher_training": trained, "wall_s": wall}, indent=2, default=str))
     print(f"results: {out}\nTensorBoard: tensorboard --logdir {Path(distill_cfg.work_dir) / 'runs'}")
     return 0

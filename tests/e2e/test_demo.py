@@ -13,7 +13,7 @@ TINY = ["data.synthetic.n_images=64", "data.synthetic.n_texts=96", "data.synthet
         "data.synthetic.n_eval=16", "data.synthetic.shard_size=32", "data.synthetic.image_size=32",
         "optim.steps=3", "optim.warmup_steps=1", "optim.global_batch_size=16", "data.workers=0",
         "pretrain.optim.steps=3", "pretrain.optim.warmup_steps=1", "pretrain.optim.global_batch_size=16",
-        "data.shuffle_buffer=8", "log.progress=false"]
+        "data.shuffle_buffer=8", "log.progress=false", "cluster.k=2", "balance.beta=1e-4"]
 
 
 def _demo(work_dir: Path, *extra: str) -> subprocess.CompletedProcess:
@@ -27,6 +27,8 @@ def test_demo_end_to_end_then_reuses_teacher(tmp_path):
     assert first.returncode == 0, first.stderr[-3000:]
     assert "teacher trained in" in first.stdout
     models = ("teacher (CLIP, paired)", "student DIME-FM (raw pool)", "student DIME-FM (curated pool)",
+              "student DIME-FM (balanced images)", "student DIME-FM + CID (balanced)",
+              "student DIME-FM (cache K=1, no aug)", "student DIME-FM (cache K=4 views)",
               "student from scratch (paired)")
     for column in models:
         assert column in first.stdout
@@ -34,6 +36,7 @@ def test_demo_end_to_end_then_reuses_teacher(tmp_path):
         assert row in first.stdout
     results = json.loads((tmp_path / "runs" / "demo" / "demo_results.json").read_text())
     assert list(results["eval"]) == list(models)
+    assert results["compare"] == ["curation", "balance", "cid", "views"]
     for per_set in results["eval"].values():
         for name in ("shape", "colour"):
             metrics = per_set[name]
@@ -48,9 +51,24 @@ def test_demo_end_to_end_then_reuses_teacher(tmp_path):
     assert coverage["sizes"]["curated pool"] <= coverage["sizes"]["raw pool"]
     for per_class in coverage["zero_shot_per_class"].values():
         assert len(per_class) == 8
+    # Semantic balance, scored against the world's planted duplicates (13 of the 64 images), and the
+    # balanced student trained on the kept images only
+    score = results["balance"]["scorecard"]
+    assert score["images"] == 64 and score["planted"] == 13 and score["kept"] + score["removed"] == 64
+    assert score["kept"] == results["balance"]["report"]["kept"]
+    assert score["removed_redundant"] + score["removed_lost"] == score["removed"]
+    assert "Semantic balance" in first.stdout and "Planted near-duplicate pairs: 13" in first.stdout
+    keep = (tmp_path / "embeddings" / "balanced" / "keep.txt").read_text().split()
+    assert len(keep) == score["kept"]
+    for run in ("demo_balanced", "demo_cid"):
+        assert f"keep: {tmp_path / 'embeddings' / 'balanced'}" in (tmp_path / "runs" / run / "config.yaml").read_text()
+    assert results["cid"]["clusters"]["k"] == 2 and results["cid"]["clusters"]["count"] == score["kept"]
+    # The teacher cache: K=1 without augmentation, K=4 views with it, each faster than the live teacher
+    assert "Teacher cache" in first.stdout
+    assert results["views"]["embed"]["images"]["views"] == 4
     saved = json.loads((tmp_path / "runs" / "demo" / "eval" / "synthetic.json").read_text())
     assert saved["results"] == results["eval"]
-    for run in ("demo", "demo_curated", "demo_baseline"):
+    for run in ("demo", "demo_curated", "demo_balanced", "demo_cid", "demo_cached", "demo_views", "demo_baseline"):
         assert (tmp_path / "runs" / run / "config.yaml").is_file()
         assert (tmp_path / "runs" / run / "final" / "student.safetensors").is_file()
         assert list((tmp_path / "runs" / run / "tensorboard").glob("events.out.tfevents.*"))
@@ -62,9 +80,11 @@ def test_demo_end_to_end_then_reuses_teacher(tmp_path):
                             capture_output=True, text=True, timeout=300)
     assert loaded.returncode == 0 and int(loaded.stdout.strip().splitlines()[-1]) > 0, loaded.stderr[-2000:]
 
-    again = _demo(tmp_path)
+    again = _demo(tmp_path, "demo.compare=[]")  # only the DIME-FM student and the yardstick
     assert again.returncode == 0, again.stderr[-3000:]
     assert "teacher reused" in again.stdout
+    assert list(json.loads((tmp_path / "runs" / "demo" / "demo_results.json").read_text())["eval"]) == [
+        models[0], models[1], models[-1]]
 
 
 def test_demo_bad_override_fails_fast_with_the_key(tmp_path):

@@ -1,0 +1,178 @@
+"""What `make demo` compares beside its DIME-FM student (raw pool, live teacher, augmented images)
+and the from-scratch yardstick, chosen by `demo.compare`. A comparison names its students (a table
+column and the experiment config it trains with), runs the stages they need before training, and
+prints its lines under the demo's one table."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from dime_ds.config.schema import RootConfig
+
+RAW_COLUMN = "student DIME-FM (raw pool)"
+
+
+@dataclass(frozen=True)
+class Student:
+    column: str  # the demo table's column
+    experiment: str  # experiment=<this> trains it
+
+
+def ground(cfg: RootConfig) -> dict:
+    """Embed (shards embedded earlier from unchanged sources are skipped) and ground cfg's pool."""
+    from dime_ds.embed.stage import run_embed_stage
+    from dime_ds.ground.stage import run_match_stage
+
+    run_embed_stage(cfg)
+    return run_match_stage(cfg)
+
+
+def grounding_line(name: str, g: dict) -> str:
+    kept = g["kinds"]["kept"]
+    return (f"grounded corpus ({name} pool): {g['sentences_kept']} of {g['sentences']} sentences kept, "
+            f"{100 * kept.get('describing', 0) / max(1, g['sentences_kept']):.1f} % of them describe an image")
+
+
+def grounding_record(g: dict) -> dict:
+    return {k: g[k] for k in ("sentences", "sentences_kept", "rounds", "kinds")}
+
+
+def _percent(results: dict, column: str, dataset: str = "shape") -> str:
+    return f"{100 * results[column][dataset]['top1']:.1f}"
+
+
+class Comparison:
+    name: str
+    students: tuple[Student, ...]
+
+    def prepare(self, cfgs: dict[str, RootConfig], raw: RootConfig) -> dict:
+        """The stages the students need, before any of them trains."""
+        return {}
+
+    def lines(self, cfgs: dict[str, RootConfig], raw: RootConfig, prepared: dict, results: dict,
+              summaries: dict[str, dict]) -> tuple[list[str], dict]:
+        """(lines printed under the table, the record kept in demo_results.json)."""
+        raise NotImplementedError
+
+
+class Curation(Comparison):
+    """DIME-FM #16: the sentence pool curated with MetaCLIP against the world's concept list."""
+
+    name = "curation"
+    students = (Student("student DIME-FM (curated pool)", "demo_curated"),)
+
+    def prepare(self, cfgs, raw):
+        from dime_ds.curate.stage import run_curate_stage
+
+        cfg = cfgs["demo_curated"]
+        return {"report": run_curate_stage(cfg), "grounding": ground(cfg)}
+
+    def lines(self, cfgs, raw, prepared, results, summaries):
+        from dime_ds.demo.coverage import coverage_table, pool_sentences
+        from dime_ds.demo.synthetic import SHAPES
+
+        cfg, curation = cfgs["demo_curated"], prepared["report"]
+        pools = {"raw pool": pool_sentences(raw.data.corpus),
+                 "curated pool": pool_sentences(str(Path(cfg.curate.out_dir) / "corpus")),
+                 "grounded raw": pool_sentences(raw.data.texts),
+                 "grounded curated": pool_sentences(cfg.data.texts)}
+        per_class = {"raw": results[RAW_COLUMN]["shape"]["per_class"],
+                     "curated": results[self.students[0].column]["shape"]["per_class"]}
+        table, coverage = coverage_table(pools, SHAPES, per_class)
+        lines = [grounding_line("curated", prepared["grounding"]),
+                 f"\nMetaCLIP curation (t = {curation['t']:.0f}, {curation['entries']['head']} head entries of "
+                 f"{curation['entries']['total']}): {curation['sentences_kept']} of {curation['sentences']} sentences "
+                 "kept; sentences naming each shape class, and the DIME-FM students' zero-shot top-1 per class (%):",
+                 table]
+        return lines, {"report": curation, "coverage": {**coverage, "t": curation["t"], "kept": curation["sentences_kept"]},
+                       "grounding": grounding_record(prepared["grounding"])}
+
+
+class Balance(Comparison):
+    """CLIP-CID #15: the image pool semantically balanced, scored against the planted duplicates."""
+
+    name = "balance"
+    students = (Student("student DIME-FM (balanced images)", "demo_balanced"),)
+
+    def prepare(self, cfgs, raw):
+        from dime_ds.curate.balance_stage import run_semantic_balance
+        from dime_ds.data.keep import keep_file, read_keep_keys
+        from dime_ds.demo.duplicates import balance_scorecard
+
+        cfg = cfgs["demo_balanced"]
+        report = run_semantic_balance(cfg)
+        score = balance_scorecard(cfg.data.synthetic, read_keep_keys(keep_file(cfg.balance.out_dir)))
+        return {"report": report, "scorecard": score}
+
+    def lines(self, cfgs, raw, prepared, results, summaries):
+        r, s = prepared["report"], prepared["scorecard"]
+        lines = [f"\nSemantic balance (beta = {r['beta']:g}, {Path(r['keep']).parent / 'report.md'}): "
+                 f"{s['kept']} of {s['images']} images kept, {s['removed']} removed ({100 * r['removed_share']:.1f} %). "
+                 f"Planted near-duplicate pairs: {s['planted']}, {s['planted_caught']} caught "
+                 f"({100 * s['planted_caught'] / max(1, s['planted']):.1f} %). Of the removed images, "
+                 f"{s['removed_redundant']} show a scene a kept image shows and {s['removed_lost']} a scene "
+                 f"that left the pool; distinct scenes {s['scenes_before']} -> {s['scenes_after']}.",
+                 f"zero-shot shape top-1: full pool {_percent(results, RAW_COLUMN)}, balanced pool "
+                 f"{_percent(results, self.students[0].column)} (%)"]
+        return lines, {"report": r, "scorecard": s}
+
+
+class Cid(Comparison):
+    """CLIP-CID #15: cluster and instance discrimination beside DIME-FM's terms, on the balanced pool."""
+
+    name = "cid"
+    students = (Student("student DIME-FM + CID (balanced)", "demo_cid"),)
+
+    def prepare(self, cfgs, raw):
+        from dime_ds.curate.cluster_stage import run_cluster_stage
+
+        return {"clusters": run_cluster_stage(cfgs["demo_cid"])}
+
+    def lines(self, cfgs, raw, prepared, results, summaries):
+        m, loss = prepared["clusters"], cfgs["demo_cid"].loss
+        lines = [f"CLIP-CID terms: {m['k']} k-means pseudo-classes of the {m['count']} balanced images "
+                 f"(sizes {m['cluster_size_min']}-{m['cluster_size_max']}), w_cluster = {loss.w_cluster:g} "
+                 f"(scale {loss.cluster_scale:g}, margin {loss.cluster_margin:g}), w_instance = {loss.w_instance:g} "
+                 f"(temperature {loss.instance_temperature:g}); zero-shot shape top-1: balanced "
+                 f"{_percent(results, Balance.students[0].column)}, balanced + CID "
+                 f"{_percent(results, self.students[0].column)} (%)"]
+        return lines, {"clusters": m}
+
+
+class Views(Comparison):
+    """Reinforced cache #12: the live teacher (raw column) against the teacher cached as one plain view
+    without augmentation and as K augmented views."""
+
+    name = "views"
+    students = (Student("student DIME-FM (cache K=1, no aug)", "demo_cached"),
+                Student("student DIME-FM (cache K=4 views)", "demo_views"))
+
+    def prepare(self, cfgs, raw):
+        from dime_ds.embed.stage import run_embed_stage
+
+        # demo_cached reads the raw pool's cache, written when the raw pool was grounded
+        return {"embed": run_embed_stage(cfgs["demo_views"])}
+
+    def lines(self, cfgs, raw, prepared, results, summaries):
+        live = summaries[RAW_COLUMN].get("samples_per_s", 0)
+        rows = [(RAW_COLUMN.replace("(raw pool)", "(live teacher, aug)"), RAW_COLUMN),
+                *((s.column, s.column) for s in self.students)]
+        speeds = {name: summaries[column].get("samples_per_s", 0) for name, column in rows}
+        views = cfgs["demo_views"].embed.views
+        lines = [f"\nTeacher cache (K = 1: {cfgs['demo_cached'].teacher.cache_dir}; K = {views}: "
+                 f"{cfgs['demo_views'].teacher.cache_dir}): zero-shot shape top-1 and training samples/s"]
+        lines += [f"  {name}: {_percent(results, column)} %, {speeds[name]:.0f} samples/s"
+                  + (f" ({speeds[name] / live:.2f}x live)" if live and column != RAW_COLUMN else "")
+                  for name, column in rows]
+        return lines, {"samples_per_s": speeds, "embed": prepared["embed"]}
+
+
+COMPARISONS = {c.name: c for c in (Curation(), Balance(), Cid(), Views())}
+
+
+def selected(names) -> list[Comparison]:
+    """The comparisons asked for, in the registry's order; cid brings balance (its pool) along."""
+    wanted = set(names) | ({"balance"} if "cid" in names else set())
+    return [c for name, c in COMPARISONS.items() if name in wanted]
