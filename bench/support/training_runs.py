@@ -96,8 +96,10 @@ def worker(overrides: list[str], out: str) -> None:
     Path(out).write_text(json.dumps({**summary, **record}, default=str))
 
 
-def launch(work: Path, name: str, overrides: list[str], ranks: int, timeout: float = 900) -> list[dict]:
-    """Every rank's result dict (see the module docstring), in rank order."""
+def launch(work: Path, name: str, overrides: list[str], ranks: int, timeout: float = 900,
+           threads: int | None = None) -> list[dict]:
+    """Every rank's result dict (see the module docstring), in rank order. `threads`: OMP_NUM_THREADS
+    per rank (default: the cores divided among the ranks)."""
     port = _free_port()
     procs, outs = [], []
     for rank in range(ranks):
@@ -105,7 +107,7 @@ def launch(work: Path, name: str, overrides: list[str], ranks: int, timeout: flo
         outs.append(out)
         env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(ranks),
                "LOCAL_WORLD_SIZE": str(ranks), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
-               "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 2) // ranks))}
+               "OMP_NUM_THREADS": str(threads or max(1, (os.cpu_count() or 2) // ranks))}
         procs.append(subprocess.Popen([sys.executable, __file__, json.dumps(overrides), str(out)],
                                       env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True))
     for p in procs:
