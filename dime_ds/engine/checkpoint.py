@@ -42,6 +42,40 @@ CHECKPOINT_GLOBALS = (
 )
 
 
+LAYOUT_FILE = "engine_layout.json"  # beside DeepSpeed's files in a tag: how the engine held its state
+
+
+class CheckpointLayoutError(UserError, ValueError):
+    """A checkpoint written by an engine of another ZeRO stage or precision: DeepSpeed cannot load it
+    (it fails deep inside its optimizer with a TypeError)."""
+
+
+def engine_layout(engine) -> dict:
+    return {"zero_stage": int(engine.zero_optimization_stage()), "bf16": bool(engine.bfloat16_enabled()),
+            "fp16": bool(engine.fp16_enabled())}
+
+
+def _describe(layout: dict) -> str:
+    dtype = "bf16" if layout["bf16"] else "fp16" if layout["fp16"] else "fp32"
+    return f"ZeRO stage {layout['zero_stage']}, {dtype}"
+
+
+def check_layout(engine, ckpt_dir: Path, tag: str) -> None:
+    """Refuse, naming both, a checkpoint whose engine layout differs from this run's (checkpoints
+    written before the layout was recorded are loaded as before)."""
+    import json
+
+    path = ckpt_dir / tag / LAYOUT_FILE
+    if not path.is_file():
+        return
+    saved, now = json.loads(path.read_text()), engine_layout(engine)
+    if saved != now:
+        raise CheckpointLayoutError(
+            f"checkpoint {tag} in {ckpt_dir} was written by an engine with {_describe(saved)}; this run's engine "
+            f"has {_describe(now)}. Resume with the dist.ds_config (and precision) it was written with, or start "
+            f"a new run (another name= or run_dir=)")
+
+
 class CheckpointWriteError(UserError, OSError):
     """A checkpoint that could not be written (disk full, quota, I/O error); the previous one stays."""
 
@@ -104,6 +138,9 @@ def save(engine, ckpt_dir: str | Path, step: int, rank_state: dict, config_yaml:
     if C.is_main():
         try:
             if complete:
+                import json
+
+                (ckpt_dir / tag / LAYOUT_FILE).write_text(json.dumps(engine_layout(engine)))
                 _write_latest(ckpt_dir, tag)
         except OSError as err:
             failures.append((str(ckpt_dir / "latest"), err))
@@ -186,6 +223,7 @@ def load(engine, ckpt_dir: str | Path, resume: str | None, rank: int) -> tuple[i
     if tag is None:
         log.info("ckpt.resume=%s: no checkpoint in %s yet, starting from step 0", resume, ckpt_dir)
         return 0, None
+    check_layout(engine, Path(ckpt_dir), tag)
     with weights_only_reads(Path(ckpt_dir) / tag):
         path, client = engine.load_checkpoint(str(ckpt_dir), tag=tag)
     if path is None:

@@ -67,3 +67,20 @@ def test_a_save_cut_by_a_full_disk_keeps_the_previous_checkpoint(tmp_path, tiny_
     run_ranks(_train, world_size, _overrides(tmp_path / "clean", tiny_world, tiny_teacher_dir), timeout=300)
     for key, value in _final(tmp_path / "clean").items():
         assert torch.equal(resumed_weights[key], value), key
+
+
+def test_a_checkpoint_of_another_zero_stage_is_refused_naming_both(tmp_path, tiny_world, tiny_teacher_dir):
+    """DeepSpeed itself fails with a TypeError deep in its optimizer; the run names both layouts, and the
+    checkpoint stays loadable by the layout that wrote it."""
+    work, ckpt = tmp_path / "work", tmp_path / "work" / "runs" / "demo" / "checkpoints"
+    overrides = [*_overrides(work, tiny_world, tiny_teacher_dir), "optim.steps=4", "ckpt.every_n_steps=2"]
+    run_ranks(_train, 1, [*overrides, "dist.ds_config=zero1"], timeout=300)
+    with pytest.raises(RankError) as err:
+        run_ranks(_train, 1, [*overrides, "dist.ds_config=zero0", "optim.steps=6", "ckpt.resume=latest"], timeout=300)
+    shown = str(err.value)
+    assert "CheckpointLayoutError" in shown and "step_00000004" in shown
+    assert "written by an engine with ZeRO stage 1" in shown and "this run's engine has ZeRO stage 0" in shown
+    resumed = run_ranks(_train, 1, [*overrides, "dist.ds_config=zero1", "optim.steps=6", "ckpt.resume=latest"],
+                        timeout=300)
+    assert resumed[0]["start_step"] == 4 and resumed[0]["status"] == "completed"
+    assert (ckpt / "latest").read_text() == "step_00000006"
