@@ -127,16 +127,13 @@ def main(overrides: Sequence[str]) -> int:
     grounding = ground(distill_cfg)
     prepared = {c.name: c.prepare(cfgs, distill_cfg) for c in comparisons}
 
-    summaries = {RAW_COLUMN: run_training(distill_cfg)}
-    run_dirs = {RAW_COLUMN: distill_cfg.run_dir}
-    for c in comparisons:
-        for s in c.students:
-            summaries[s.column], run_dirs[s.column] = run_training(cfgs[s.experiment]), cfgs[s.experiment].run_dir
-    summaries[BASELINE_COLUMN], run_dirs[BASELINE_COLUMN] = run_training(baseline_cfg), baseline_cfg.run_dir
+    students = [(RAW_COLUMN, distill_cfg), *((s.column, cfgs[s.experiment]) for c in comparisons for s in c.students),
+                (BASELINE_COLUMN, baseline_cfg)]
+    runs = {column: (cfg.run_dir, run_training(cfg)) for column, cfg in students}  # column -> (run dir, summary)
+    summaries = {column: summary for column, (_, summary) in runs.items()}
     # A reused teacher's training figures live in its model directory.
     recorded = trained or read_openclip_dir(teacher_dir(distill_cfg)).get("dime_ds", {})
-    results = _models_table(distill_cfg, {name: (run_dirs[name], summary) for name, summary in summaries.items()},
-                            recorded.get("samples_per_s", 0))
+    results = _models_table(distill_cfg, runs, recorded.get("samples_per_s", 0))
     records, lines = {}, [grounding_line("raw", grounding)]
     for c in comparisons:
         more, records[c.name] = c.lines(cfgs, distill_cfg, prepared[c.name], results, summaries)

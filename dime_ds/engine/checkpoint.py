@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import json
 import logging
 import os
 import pickle
@@ -63,8 +64,6 @@ def _describe(layout: dict) -> str:
 def check_layout(engine, ckpt_dir: Path, tag: str) -> None:
     """Refuse, naming both, a checkpoint whose engine layout differs from this run's (checkpoints
     written before the layout was recorded are loaded as before)."""
-    import json
-
     path = ckpt_dir / tag / LAYOUT_FILE
     if not path.is_file():
         return
@@ -136,14 +135,14 @@ def save(engine, ckpt_dir: str | Path, step: int, rank_state: dict, config_yaml:
                                client_state={"step": step, "ranks": ranks, "config": config_yaml})
     complete = C.reduce_scalar(1.0 if failures else 0.0, op="max") == 0  # every rank's files written
     if C.is_main():
+        target = ckpt_dir / tag / LAYOUT_FILE
         try:
             if complete:
-                import json
-
-                (ckpt_dir / tag / LAYOUT_FILE).write_text(json.dumps(engine_layout(engine)))
+                target.write_text(json.dumps(engine_layout(engine)))
+                target = ckpt_dir / "latest"
                 _write_latest(ckpt_dir, tag)
         except OSError as err:
-            failures.append((str(ckpt_dir / "latest"), err))
+            failures.append((str(target), err))
         if complete and not failures:
             _prune(ckpt_dir, keep_last, tag)
         else:
