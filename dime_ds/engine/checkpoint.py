@@ -71,8 +71,9 @@ def check_layout(engine, ckpt_dir: Path, tag: str) -> None:
     if saved != now:
         raise CheckpointLayoutError(
             f"checkpoint {tag} in {ckpt_dir} was written by an engine with {_describe(saved)}; this run's engine "
-            f"has {_describe(now)}. Resume with the dist.ds_config (and precision) it was written with, or start "
-            f"a new run (another name= or run_dir=)")
+            f"has {_describe(now)}. Resume with the dist.ds_config (and precision) it was written with (auto is "
+            f"zero0 on one rank, zero1 on more: a run begun alone resumes on more ranks with "
+            f"dist.ds_config=zero0), or start a new run (another name= or run_dir=)")
 
 
 class CheckpointWriteError(UserError, OSError):
@@ -127,8 +128,13 @@ def save(engine, ckpt_dir: str | Path, step: int, rank_state: dict, config_yaml:
     CheckpointWriteError on every rank when any rank's write failed (see the module docstring)."""
     from dime_ds.distributed.stage import raise_agreed
 
-    ranks = C.all_gather_object({**rank_state, "rng": rng_state()})
     tag, ckpt_dir = tag_for(step), Path(ckpt_dir)
+    if C.is_main() and (ckpt_dir / tag).exists():
+        # An earlier run's checkpoint of this step (a rerun under the same name): DeepSpeed writes over
+        # its files but leaves those another layout named otherwise, which consolidation would then mix.
+        log.warning("replacing %s, an earlier run's checkpoint", ckpt_dir / tag)
+        shutil.rmtree(ckpt_dir / tag)
+    ranks = C.all_gather_object({**rank_state, "rng": rng_state()})  # also: no rank writes before the removal
     failures: list[tuple[str, OSError]] = []
     with _write_failures_recorded(engine, failures):
         engine.save_checkpoint(str(ckpt_dir), tag=tag, save_latest=False,

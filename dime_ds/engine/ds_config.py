@@ -15,7 +15,19 @@ from dime_ds.config.schema import OptimConfig
 OWNED_BY_HYDRA = ("optimizer", "scheduler")
 
 
-def ds_config_path(name_or_path: str) -> Path:
+AUTO = "auto"
+
+
+def auto_ds_config(world_size: int) -> str:
+    """`dist.ds_config=auto`: ZeRO-0 on one rank, ZeRO-1 on more. Alone, ZeRO-1's flat fp32
+    partition buys no memory and costs a step: its bf16 <-> fp32 buffer copies and gradient hooks
+    made a ViT-S-32 step 1.6x the bare student's on a CPU, stage 0's 1.09x (bench/profile_step.py)."""
+    return "zero0" if world_size == 1 else "zero1"
+
+
+def ds_config_path(name_or_path: str, world_size: int = 1) -> Path:
+    if name_or_path == AUTO:
+        name_or_path = auto_ds_config(world_size)
     path = Path(name_or_path)
     if path.suffix != ".json":
         path = shipped_dir("ds_configs") / f"{name_or_path}.json"
@@ -37,7 +49,7 @@ def _fill(cfg: dict, key: str, value: Any, owner: str, source: Path) -> None:
 def build_ds_config(name_or_path: str, optim_cfg: OptimConfig, world_size: int, precision: str) -> dict:
     """The DeepSpeed config dict for this run (engine knobs from JSON, the rest from Hydra).
     `precision` (the policy's, models/precision.py) fills bf16/fp16 sections left at "auto"."""
-    source = ds_config_path(name_or_path)
+    source = ds_config_path(name_or_path, world_size)
     cfg = json.loads(source.read_text())
     for key in OWNED_BY_HYDRA:
         if key in cfg:

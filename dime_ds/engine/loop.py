@@ -12,7 +12,6 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import deepspeed
 import torch
 from omegaconf import OmegaConf
 from tqdm import tqdm
@@ -21,7 +20,7 @@ from dime_ds.config import ConfigError
 from dime_ds.config.schema import RootConfig
 from dime_ds.distributed import collectives as C
 from dime_ds.distributed.env import WorldInfo
-from dime_ds.engine import accumulate, checkpoint
+from dime_ds.engine import accumulate, build, checkpoint
 from dime_ds.engine.checkpoint import OBJECTIVE_MODULE
 from dime_ds.engine.ds_config import build_ds_config, engine_precision
 from dime_ds.engine.param_groups import param_groups
@@ -35,6 +34,7 @@ from dime_ds.models import PRECISIONS, build_run_student, precision_for, student
 from dime_ds.objectives import RunContext, build_objective
 
 log = logging.getLogger(__name__)
+FUSED_ADAMW_DEVICES = ("cpu", "cuda")  # where torch has the fused AdamW kernel
 
 
 class StopRequested:
@@ -111,12 +111,12 @@ class Trainer:
         self.image_params = sum(p.numel() for m in (student.visual, student.image_proj) if m is not None
                                 for p in m.parameters())
         optimizer = torch.optim.AdamW(param_groups(student, cfg.optim.weight_decay), lr=cfg.optim.lr,
-                                      betas=tuple(cfg.optim.betas), eps=cfg.optim.eps)
-        self.engine, _, _, self.scheduler = deepspeed.initialize(
-            model=student, optimizer=optimizer,
+                                      betas=tuple(cfg.optim.betas), eps=cfg.optim.eps,
+                                      fused=cfg.optim.fused and device.type in FUSED_ADAMW_DEVICES)
+        self.engine, self.scheduler = build.initialize(
+            student, optimizer, config=ds_config,
             lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(
-                opt, lambda step: lr_at(step, cfg.optim) / cfg.optim.lr),
-            config=ds_config)
+                opt, lambda step: lr_at(step, cfg.optim) / cfg.optim.lr))
         self.tb = TBWriter(Path(cfg.run_dir) / "tensorboard", enabled=world.rank == 0 and cfg.log.tensorboard)
         self.stop = StopRequested()
         self.meter = StepMeter()

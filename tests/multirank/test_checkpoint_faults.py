@@ -4,6 +4,7 @@ from latest then ends exactly as a run that never failed."""
 from __future__ import annotations
 
 import errno
+import json
 import re
 
 import pytest
@@ -84,3 +85,17 @@ def test_a_checkpoint_of_another_zero_stage_is_refused_naming_both(tmp_path, tin
                         timeout=300)
     assert resumed[0]["start_step"] == 4 and resumed[0]["status"] == "completed"
     assert (ckpt / "latest").read_text() == "step_00000006"
+
+
+def test_a_rerun_under_the_same_name_replaces_an_earlier_layouts_checkpoint(tmp_path, tiny_world, tiny_teacher_dir):
+    """ZeRO-1 writes optimizer shards that ZeRO-0 does not: left in the step's folder, they made the
+    rerun's consolidation read the earlier run's shards and fail."""
+    work, ckpt = tmp_path / "work", tmp_path / "work" / "runs" / "demo" / "checkpoints"
+    overrides = [*_overrides(work, tiny_world, tiny_teacher_dir), "optim.steps=2", "ckpt.every_n_steps=2"]
+    run_ranks(_train, 1, [*overrides, "dist.ds_config=zero1"], timeout=300)
+    assert list((ckpt / "step_00000002").glob("*optim_states.pt"))
+    rerun = run_ranks(_train, 1, [*overrides, "dist.ds_config=zero0"], timeout=300)
+    assert rerun[0]["status"] == "completed" and rerun[0]["start_step"] == 0
+    assert not list((ckpt / "step_00000002").glob("*optim_states.pt"))
+    assert json.loads((ckpt / "step_00000002" / "engine_layout.json").read_text())["zero_stage"] == 0
+    assert _final(work)  # consolidated from the rerun's own files
