@@ -17,10 +17,12 @@ Each case is a process of its own with OMP_NUM_THREADS = --threads (default: the
 machine shared with other work, 1: OpenMP's barriers wait for a descheduled thread, and 2 threads on
 a busy 2-core machine ran a step 10-30x slower than 1 did). The figure per case is
 the median of the per-step times after `--warmup` steps; samples/s = batch / that median. Prints a
-table with live/peer-best and cached/bare-best and writes JSON.
+table with live/peer-best and cached/bare-best, each case's achieved model TFLOP/s (counted FLOPs per
+sample x samples/s; MFU with --peak-tflops) and writes JSON.
 
     .venv/bin/python bench/peer_distill.py [--teacher ViT-B-32 --student ViT-S-32] [--tiny]
-        [--batch 32] [--steps 16] [--warmup 3] [--workers 0] [--threads N] [--cases ...] [--out ...]
+        [--batch 32] [--steps 16] [--warmup 3] [--workers 0] [--threads N] [--cases ...]
+        [--peak-tflops P] [--out ...]
 """
 from __future__ import annotations
 
@@ -220,11 +222,28 @@ def run_case(world: dict, args, case: str) -> list[float]:
     return run_bare(world, args, variant)
 
 
-def summarise(case: str, step_s: list[float], args) -> dict:
+def model_flops(args) -> dict:
+    """FLOPs per sample (dime_ds.log.flops, counted on meta-device copies): the student's forward and
+    backward (its own text tower, projected into the teacher's width as dime_ds trains it) and the
+    teacher's forward; the same figures for both tools, which train the same models."""
+    from dime_ds.log.flops import student_flops, teacher_flops
+    from dime_ds.models.student import Student
+
+    teacher_cfg, student_cfg = model_cfgs(args)
+    return {"student": student_flops(lambda: Student(student_cfg, "own", teacher_cfg["embed_dim"]), with_text=True),
+            "teacher": teacher_flops(teacher_cfg)}
+
+
+def summarise(case: str, step_s: list[float], args, flops: dict) -> dict:
     steady = step_s[args.warmup:]
     median = statistics.median(steady)
-    return {"case": case, "what": LABELS[case], "median_step_s": median, "samples_per_s": args.batch / median,
-            "spread_step_s": [min(steady), max(steady)], "step_s": step_s}
+    per_sample = flops["student"] + (flops["teacher"] if case.startswith(("ocl", "dime_live", "dime_zero3")) else 0)
+    row = {"case": case, "what": LABELS[case], "median_step_s": median, "samples_per_s": args.batch / median,
+           "spread_step_s": [min(steady), max(steady)], "step_s": step_s,
+           "model_tflops_per_s": per_sample * args.batch / median / 1e12}
+    if args.peak_tflops:
+        row["mfu"] = row["model_tflops_per_s"] / args.peak_tflops
+    return row
 
 
 def ratio(rows: dict, num: list[str], den: list[str]) -> float | None:
@@ -248,6 +267,8 @@ def main() -> int:
                         help="OMP_NUM_THREADS of every case (default: all cores; 1 on a shared machine)")
     parser.add_argument("--cases", nargs="+", default=list(CASES), choices=CASES)
     parser.add_argument("--dime-override", nargs="*", default=[], help="extra Hydra overrides for the dime_ds cases")
+    parser.add_argument("--peak-tflops", type=float, help="one device's peak TFLOP/s in the training precision: "
+                        "adds an MFU column")
     parser.add_argument("--work", help="keep the world, logs and traces here (default: a temporary directory)")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "peer_distill.json"))
     args = parser.parse_args()
@@ -257,10 +278,11 @@ def main() -> int:
         work = Path(args.work or tmp).resolve()
         work.mkdir(parents=True, exist_ok=True)
         world = prepare(work, args)
+        flops = model_flops(args)
         rows = {}
         for case in args.cases:
             start = time.time()
-            rows[case] = summarise(case, run_case(world, args, case), args)
+            rows[case] = summarise(case, run_case(world, args, case), args, flops)
             rows[case]["wall_s"] = round(time.time() - start, 1)
             print(f"  {LABELS[case]}: {rows[case]['samples_per_s']:.2f} samples/s "
                   f"(median step {rows[case]['median_step_s']:.3f} s)", flush=True)
@@ -268,12 +290,16 @@ def main() -> int:
     live_peer = ratio(rows, ["dime_live"], ["ocl_fp32", "ocl_amp_bf16"])
     cached_bare = ratio(rows, ["dime_cache"], ["bare_bf16", "bare_amp_bf16"])
     arch = "demo teacher -> demo_small student (--tiny)" if args.tiny else f"{args.teacher} -> {args.student}"
-    table = format_table(["what", "samples/s", "median step s", "min-max step s", "wall s"],
+    mfu = ["MFU"] if args.peak_tflops else []
+    table = format_table(["what", "samples/s", "median step s", "min-max step s", "model TFLOP/s", *mfu, "wall s"],
                          [[r["what"], f"{r['samples_per_s']:.2f}", f"{r['median_step_s']:.3f}",
-                           f"{r['spread_step_s'][0]:.2f}-{r['spread_step_s'][1]:.2f}", r["wall_s"]]
+                           f"{r['spread_step_s'][0]:.2f}-{r['spread_step_s'][1]:.2f}", f"{r['model_tflops_per_s']:.3f}",
+                           *([f"{100 * r['mfu']:.1f} %"] if args.peak_tflops else []), r["wall_s"]]
                           for r in rows.values()])
     print(f"\nDistillation side by side: {arch}, batch {args.batch}, {args.steps} steps after {args.warmup} "
-          f"warm-up, loader workers {args.workers}, {args.threads} threads, {os.cpu_count()} CPU cores\n{table}")
+          f"warm-up, loader workers {args.workers}, {args.threads} threads, {os.cpu_count()} CPU cores; model "
+          f"GFLOPs per sample: student forward+backward {flops['student'] / 1e9:.2f}, teacher forward "
+          f"{flops['teacher'] / 1e9:.2f} (not run with a cache, nor by the bare student)\n{table}")
     for label, value in (("live / peer-best", live_peer), ("cached / bare-best", cached_bare)):
         if value is not None:
             print(f"{label}: {value:.2f}x")
@@ -283,6 +309,7 @@ def main() -> int:
                                "student": "demo_small" if args.tiny else args.student, "tiny": args.tiny,
                                "batch": args.batch, "steps": args.steps, "warmup": args.warmup,
                                "workers": args.workers, "threads": args.threads, "cpus": os.cpu_count(), "dime_overrides": args.dime_override,
+                               "model_flops_per_sample": flops, "peak_tflops": args.peak_tflops,
                                "live_over_peer_best": live_peer, "cached_over_bare_best": cached_bare,
                                "rows": list(rows.values())}, indent=2))
     print(f"\nwritten: {out}")

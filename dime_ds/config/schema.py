@@ -128,6 +128,9 @@ class LogConfig:
     tensorboard: bool = True
     every_n_steps: int = 10
     progress: bool = True  # console progress bars with ETA (rank 0)
+    # One device's peak TFLOP/s in the training precision (dense, e.g. 989 for an H100 SXM in bf16):
+    # perf/mfu = perf/model_tflops_per_device / this; null: the achieved TFLOP/s alone
+    peak_tflops: Optional[float] = None
 
 
 @dataclass

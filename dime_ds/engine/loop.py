@@ -28,6 +28,7 @@ from dime_ds.engine.schedule import lr_at
 from dime_ds.engine.zero3_teacher import zero3_inference
 from dime_ds.eval.features import Encoder
 from dime_ds.eval.suite import evaluate_suite, headline
+from dime_ds.log.flops import ModelFlops, student_flops, teacher_flops
 from dime_ds.log.tensorboard import TBWriter
 from dime_ds.losses.dime import reduce_for_logging
 from dime_ds.models import PRECISIONS, build_run_student, precision_for, student_preprocess_cfg, student_tokenizer
@@ -117,6 +118,7 @@ class Trainer:
             student, optimizer, config=ds_config,
             lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(
                 opt, lambda step: lr_at(step, cfg.optim) / cfg.optim.lr))
+        self.flops = self._count_flops(cfg)
         self.tb = TBWriter(Path(cfg.run_dir) / "tensorboard", enabled=world.rank == 0 and cfg.log.tensorboard)
         self.stop = StopRequested()
         self.meter = StepMeter()
@@ -125,6 +127,19 @@ class Trainer:
     @property
     def student(self):
         return self.engine.module
+
+    def _count_flops(self, cfg: RootConfig) -> ModelFlops | None:
+        """FLOPs per sample of this run's models, on meta-device copies; a model the counter cannot
+        build costs the readout, never the run."""
+        try:
+            teacher = self.objective.live_teacher_cfg()
+            with torch.random.fork_rng():  # the counted copies' initialisers draw nothing from the run's RNG
+                student = student_flops(lambda: build_run_student(cfg.student, cfg.teacher, self.objective.target_dim),
+                                        with_text=self.student.has_text)
+                return ModelFlops(student=student, teacher=teacher_flops(teacher) if teacher is not None else 0)
+        except Exception as err:  # noqa: BLE001 - a readout
+            log.warning("model FLOPs not counted (%s: %s): no perf/model_tflops_per_device", type(err).__name__, err)
+            return None
 
     def _forward(self, images=None, tokens=None):
         return self.engine(images=images, tokens=tokens)
@@ -159,6 +174,10 @@ class Trainer:
         self.tb.close()
         if self.meter.seconds > 0:
             summary["samples_per_s"] = self.meter.samples / self.meter.seconds
+            if self.flops is not None:
+                summary.update({k.removeprefix("perf/"): v for k, v in self.flops.readout(
+                    summary["samples_per_s"] / self.world.world_size, cfg.log.peak_tflops).items()})
+                summary["model_flops_per_sample"] = {"student": self.flops.student, "teacher": self.flops.teacher}
         return {**summary, "status": status, "step": step, "skipped": self.objective.skipped(),
                 "data_faults": self.objective.data_faults()}
 
@@ -215,6 +234,9 @@ class Trainer:
             values["optim/grad_norm"] = float(norm)
         if window.get("seconds"):
             values["perf/samples_per_s"] = window["samples"] / window["seconds"]
+            if self.flops is not None:
+                values.update(self.flops.readout(values["perf/samples_per_s"] / self.world.world_size,
+                                                 self.cfg.log.peak_tflops))
         for phase in ("data_s", "teacher_s", "embed_s", "student_s"):
             values[f"perf/{phase}_per_step"] = window.get(phase, 0.0) / max(1, window.get("steps", 1))
         for name, count in self.objective.skipped().items():

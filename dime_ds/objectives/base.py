@@ -109,3 +109,8 @@ class Objective(ABC):
     def info(self) -> dict:
         """Figures for the run summary (the teacher's size, ...)."""
         return {}
+
+    def live_teacher_cfg(self) -> dict | None:
+        """The OpenCLIP model config of a teacher that runs forward every step (its FLOPs count in the
+        throughput readout); None: read from a cache, or no teacher."""
+        return None

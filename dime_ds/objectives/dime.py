@@ -148,6 +148,9 @@ class DimeObjective(Objective):
         t_img, t_txt, s_img, s_txt = (F.normalize(x[:n], dim=-1) for x in self._last)
         return t_img @ t_txt.t(), s_img @ s_txt.t()
 
+    def live_teacher_cfg(self) -> dict | None:
+        return self.teacher.teacher.model_cfg if self.teacher.live else None
+
     def info(self) -> dict:
         if not self.teacher.live:
             return {}

@@ -37,7 +37,7 @@ def _curve(rank, world_size, overrides):
         from dime_ds.config import load_config
 
         summary = run_training(load_config(overrides))
-        return curve, summary["final_weights"]
+        return curve, summary
     finally:
         loop.Trainer._optimizer_step = step
 
@@ -45,14 +45,14 @@ def _curve(rank, world_size, overrides):
 def _run(tmp_path, name, tiny_world, tiny_teacher_dir, *extra):
     overrides = engine_overrides(tmp_path / name, tiny_world, tiny_teacher_dir, f"optim.steps={STEPS}",
                                  "optim.warmup_steps=2", "optim.lr=1e-3", *extra)
-    curve, weights = run_ranks(_curve, 1, overrides, timeout=300)[0]
-    return curve, load_file(weights)
+    curve, summary = run_ranks(_curve, 1, overrides, timeout=300)[0]
+    return curve, load_file(summary["final_weights"]), summary
 
 
 def test_the_speed_settings_train_the_same_curve_as_zero1_with_unfused_adamw(tmp_path, tiny_world, tiny_teacher_dir):
-    fast, fast_w = _run(tmp_path, "fast", tiny_world, tiny_teacher_dir)  # the defaults
-    ref, ref_w = _run(tmp_path, "ref", tiny_world, tiny_teacher_dir, "dist.ds_config=zero1", "optim.fused=false")
-    other, _ = _run(tmp_path, "other", tiny_world, tiny_teacher_dir, "optim.lr=2e-3")
+    fast, fast_w, summary = _run(tmp_path, "fast", tiny_world, tiny_teacher_dir, "log.peak_tflops=0.5")  # the defaults
+    ref, ref_w, _ = _run(tmp_path, "ref", tiny_world, tiny_teacher_dir, "dist.ds_config=zero1", "optim.fused=false")
+    other, _, _ = _run(tmp_path, "other", tiny_world, tiny_teacher_dir, "optim.lr=2e-3")
     assert len(fast) == len(ref) == STEPS
     assert fast[0] == ref[0]
     torch.testing.assert_close(torch.tensor(fast[1:]), torch.tensor(ref[1:]), rtol=1e-2, atol=0)
@@ -60,3 +60,10 @@ def test_the_speed_settings_train_the_same_curve_as_zero1_with_unfused_adamw(tmp
         assert (fast_w[key] - value).norm() <= 0.10 * value.norm() + 1e-6, key
     # the tolerance is tight enough to see a changed recipe
     assert max(abs(a - b) / abs(b) for a, b in zip(other[1:], ref[1:])) > 5e-2
+
+    # the throughput readout: counted FLOPs (student forward+backward, the live teacher's forward) x samples/s
+    flops = summary["model_flops_per_sample"]
+    assert flops["student"] > 2 * flops["teacher"] > 0  # the tiny teacher is about the student's size
+    expected = (flops["student"] + flops["teacher"]) * summary["samples_per_s"] / 1e12
+    assert abs(summary["model_tflops_per_device"] - expected) <= 1e-12 + 1e-9 * expected
+    assert abs(summary["mfu"] - expected / 0.5) <= 1e-9 * summary["mfu"] + 1e-12
