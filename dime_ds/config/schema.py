@@ -58,7 +58,7 @@ class DataConfig:
     texts: str = MISSING  # unpaired sentence shards distillation reads (the grounded corpus)
     corpus: Optional[str] = None  # the raw sentence corpus the embed/match stages ground; null: data.texts
     paired: Optional[str] = None  # image-caption shards (CLIP-loss training: demo teacher, baseline)
-    workers: int = 2  # loader processes per rank
+    workers: Any = "auto"  # loader processes per rank: auto (from the rank's cores: data/workers.py) or a count
     shuffle_buffer: int = 1000
     augment: bool = True  # random resized crop + horizontal flip, as in the paper
     crop_scale_min: float = 0.5

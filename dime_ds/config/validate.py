@@ -6,6 +6,7 @@ import dataclasses
 from omegaconf import DictConfig, OmegaConf
 
 from dime_ds.config.schema import DEMO_COMPARISONS
+from dime_ds.data.workers import loader_workers
 from dime_ds.errors import UserError
 
 
@@ -44,7 +45,7 @@ NON_NEGATIVE = (
     "loss.w_vl", "loss.w_pvl", "loss.w_ud", "loss.w_cluster", "loss.w_instance", "loss.cluster_margin",
     "optim.weight_decay", "optim.warmup_steps",
     "optim.min_lr", "optim.grad_clip", "ckpt.every_n_steps", "eval.every_n_steps",
-    "data.workers", "eval.workers", "slurm.gpus_per_node", "embed.seed", "balance.buckets", "balance.groups_shown",
+    "eval.workers", "slurm.gpus_per_node", "embed.seed", "balance.buckets", "balance.groups_shown",
 )
 FRACTIONS = ("match.stop_ratio", "loss.cluster_sample_rate", "data.crop_scale_min", "data.synthetic.describing_fraction",
              "data.synthetic.second_object_p", "eval.probe.val_fraction", "eval.probe.test_fraction")
@@ -85,6 +86,10 @@ def validate(cfg: DictConfig) -> None:
     for key in NON_NEGATIVE:
         if _get(cfg, key) < 0:
             errors.append(f"{key}={_get(cfg, key)!r} must be >= 0")
+    try:
+        loader_workers(cfg.data.workers)
+    except ValueError as err:
+        errors.append(str(err))
     for key in FRACTIONS:
         if not 0.0 <= _get(cfg, key) <= 1.0:
             errors.append(f"{key}={_get(cfg, key)!r} must lie in [0, 1]")

@@ -10,6 +10,7 @@ from dime_ds.config.schema import DataConfig, RootConfig
 from dime_ds.data.loaders import BatchStream, paired_batches
 from dime_ds.data.pipelines import image_transform
 from dime_ds.data.shards import list_shards
+from dime_ds.data.workers import loader_workers
 from dime_ds.losses.dime import clip_loss
 from dime_ds.models import Student, student_preprocess_cfg, student_tokenizer
 from dime_ds.objectives.base import Objective, RunContext, StudentForward
@@ -35,7 +36,8 @@ class ClipObjective(Objective):
                                     crop_scale_min=data.crop_scale_min)
         self.pairs = paired_batches(list_shards(data.paired), transform, student_tokenizer(student), ctx.micro_batch,
                                     seed=ctx.seed, rank=ctx.world.rank, world=ctx.world.world_size,
-                                    workers=data.workers, shuffle_buffer=data.shuffle_buffer,
+                                    workers=loader_workers(data.workers, ctx.world.local_world_size),
+                                    shuffle_buffer=data.shuffle_buffer,
                                     start=(state or {}).get("pairs"))
 
     def state_dict(self) -> dict:

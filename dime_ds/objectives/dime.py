@@ -12,6 +12,7 @@ from dime_ds.data.keep import KeepList
 from dime_ds.data.loaders import BatchStream, image_batches, text_batches, view_batches
 from dime_ds.data.pipelines import image_transform, preprocess_size
 from dime_ds.data.shards import list_shards
+from dime_ds.data.workers import loader_workers
 from dime_ds.data.views import ViewRecipe, ViewSampler
 from dime_ds.eval.features import Encoder
 from dime_ds.losses.dime import dime_loss
@@ -61,8 +62,8 @@ class DimeObjective(Objective):
         data, ctx, state = self.data_cfg, self.ctx, state or {}
         self.student_preprocess = student_preprocess_cfg(student.model_cfg)
         self.student_tokenize = student_tokenizer(student) if student.has_text else None
-        common = dict(seed=ctx.seed, rank=ctx.world.rank, world=ctx.world.world_size, workers=data.workers,
-                      shuffle_buffer=data.shuffle_buffer)
+        common = dict(seed=ctx.seed, rank=ctx.world.rank, world=ctx.world.world_size,
+                      workers=loader_workers(data.workers, ctx.world.local_world_size), shuffle_buffer=data.shuffle_buffer)
         keep = KeepList(data.keep) if data.keep else None  # CLIP-CID's semantic balance: kept images only
         if self.views is not None:  # a cache's views come with their parameters; a live teacher's are drawn
             sampler = ViewSampler(self.views, self._stream_preprocess(), seed=ctx.seed, choice=self.view_choice,
