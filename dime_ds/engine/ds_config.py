@@ -33,7 +33,7 @@ def ds_config_path(name_or_path: str, world_size: int = 1) -> Path:
         path = shipped_dir("ds_configs") / f"{name_or_path}.json"
     if not path.is_file():
         available = sorted(p.stem for p in shipped_dir("ds_configs").glob("*.json"))
-        raise ConfigError(f"dist.ds_config={name_or_path!r}: {path} not found (shipped: {', '.join(available)})")
+        raise ConfigError(f"dist.ds_config={name_or_path!r}: {path} not found (auto, or shipped: {', '.join(available)})")
     return path
 
 
