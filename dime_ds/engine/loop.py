@@ -133,7 +133,9 @@ class Trainer:
         build costs the readout, never the run."""
         try:
             teacher = self.objective.live_teacher_cfg()
-            with torch.random.fork_rng():  # the counted copies' initialisers draw nothing from the run's RNG
+            # the counted copies' initialisers draw nothing from the run's CPU RNG (meta tensors use no
+            # CUDA generator: devices=[] also spares fork_rng's warning on multi-GPU nodes)
+            with torch.random.fork_rng(devices=[]):
                 student = student_flops(lambda: build_run_student(cfg.student, cfg.teacher, self.objective.target_dim),
                                         with_text=self.student.has_text)
                 return ModelFlops(student=student, teacher=teacher_flops(teacher) if teacher is not None else 0)

@@ -23,21 +23,19 @@ def count_flops(fn: Callable[[], object]) -> int:
     return int(counter.get_total_flops())
 
 
-def _image_size(model_cfg: Mapping) -> tuple[int, int]:
-    size = model_cfg["vision_cfg"].get("image_size", 224)
-    return (size, size) if isinstance(size, int) else tuple(size)
-
-
-def _context(model_cfg: Mapping) -> int:
-    return int(model_cfg.get("text_cfg", {}).get("context_length", 77))
+def _inputs(model: torch.nn.Module, with_text: bool = True):
+    """A batch of zeros at the model's own input shapes (OpenCLIP's visual.image_size, already a
+    pair, and context_length, which the Student shares), on the current default device."""
+    images = torch.zeros(BATCH, 3, *model.visual.image_size)
+    tokens = torch.zeros(BATCH, model.context_length, dtype=torch.long) if with_text else None
+    return images, tokens
 
 
 def student_flops(build: Callable[[], torch.nn.Module], with_text: bool) -> int:
     """Forward + backward FLOPs per (image, sentence) sample of the student `build()` returns."""
     with torch.device("meta"):
         model = build()
-        images = torch.zeros(BATCH, 3, *_image_size(model.model_cfg))
-        tokens = torch.zeros(BATCH, _context(model.model_cfg), dtype=torch.long) if with_text else None
+        images, tokens = _inputs(model, with_text)
 
     def step():
         out = model(images=images, tokens=tokens)
@@ -51,11 +49,11 @@ def teacher_flops(model_cfg: Mapping) -> int:
     """Forward FLOPs per (image, sentence) sample of an OpenCLIP model with this config."""
     import open_clip
 
-    keys = ("embed_dim", "vision_cfg", "text_cfg", "quick_gelu")
+    from dime_ds.models.student import OPEN_CLIP_KEYS
+
     with torch.device("meta"):
-        model = open_clip.CLIP(**{k: v for k, v in model_cfg.items() if k in keys}).eval()
-        images = torch.zeros(BATCH, 3, *_image_size(model_cfg))
-        tokens = torch.zeros(BATCH, _context(model_cfg), dtype=torch.long)
+        model = open_clip.CLIP(**{k: v for k, v in model_cfg.items() if k in OPEN_CLIP_KEYS}).eval()
+        images, tokens = _inputs(model)
 
     @torch.no_grad()
     def forward():

@@ -8,8 +8,8 @@ it must be equal; after that, the two optimizers round their fp32 arithmetic dif
 bf16 weights (on a CPU with native bf16) can round a step apart, so each later loss must agree to
 1 % relative and the final fp32 weights to 10 % of their norm per tensor (measured: 0.64 % and at
 most 4.7 %, on a bias that starts at 0; the learning rate is a third of the demo's, where 8 tiny
-steps are not yet chaotic). A changed
-recipe moves the curve by far more (the test's own check of that: twice the learning rate)."""
+steps are not yet chaotic). A changed recipe moves the curve by far more (the test's own check of
+that: twice the learning rate)."""
 from __future__ import annotations
 
 import torch
