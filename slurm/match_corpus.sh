@@ -5,6 +5,8 @@
 #   sbatch slurm/match_corpus.sh data.images=/data/img/{00000..03999}.tar data.corpus=/data/corpus
 #   STAGES="curate embed match" sbatch slurm/match_corpus.sh data.images=... data.corpus=/data/pool \
 #       curate.metadata=/data/metadata.json curate.t=20000     # embed and match then read the curated pool
+#   STAGES="embed match curate" sbatch slurm/match_corpus.sh ...  # or balance the grounded corpus after match
+#       (curate.input=grounded; distill then trains on it: data.texts=<curate.out_dir>/corpus)
 #
 # Edit here or override on the command line (command-line flags win over #SBATCH lines):
 #   sbatch --nodes=1 --ntasks-per-node=8 --gpus-per-node=8 --partition=gpu slurm/match_corpus.sh [overrides...]
@@ -13,7 +15,8 @@
 #   PYTHON      interpreter with dime_ds installed (default: python on PATH)
 #   EXPERIMENT  config in configs/experiment/ (default: vitb32_from_vitl14, whose teacher embeds)
 #   STAGES      stages to run, in order (default: "embed match"; "match" alone reuses embeddings;
-#               "curate embed match" curates first and passes curate.enabled=true to every stage)
+#               "curate embed match" curates first and passes curate.enabled=true to every stage;
+#               "embed match curate" curates the grounded corpus, passing curate.input=grounded)
 #   SRUN_ARGS   extra srun arguments for the embed stage (all tasks)
 # The curate and embed stages run on every task (curate: CPU matching, one shard at a time per task);
 # match (faiss) runs as a single task on the first node.
@@ -35,15 +38,19 @@ set -e
 PYTHON=${PYTHON:-python}
 EXPERIMENT=${EXPERIMENT:-vitb32_from_vitl14}
 STAGES=${STAGES:-embed match}
-CURATED=()
-case " $STAGES " in *" curate "*) CURATED=(curate.enabled=true) ;; esac  # the user's overrides still win
+CURATED=()       # what every stage gets when curate runs first (the user's overrides still win)
+CURATE_INPUT=()  # what the curate stage gets when it runs after match
+case " $STAGES " in
+    *" match "*" curate "*) CURATE_INPUT=(curate.input=grounded) ;;
+    *" curate "*) CURATED=(curate.enabled=true) ;;
+esac
 
 echo "job ${SLURM_JOB_ID} (restart ${SLURM_RESTART_COUNT:-0}) on ${SLURM_JOB_NODELIST}: $(date)"
 for stage in $STAGES; do
     case "$stage" in
         curate) # shellcheck disable=SC2086
                 srun ${SRUN_ARGS:-} "$PYTHON" -m dime_ds.curate stage=metaclip experiment="$EXPERIMENT" \
-                    "${CURATED[@]}" "$@" ;;
+                    "${CURATED[@]}" "${CURATE_INPUT[@]}" "$@" ;;
         embed) # shellcheck disable=SC2086
                srun ${SRUN_ARGS:-} "$PYTHON" -m dime_ds.match stage=embed experiment="$EXPERIMENT" "${CURATED[@]}" "$@" ;;
         match) srun --nodes=1 --ntasks=1 "$PYTHON" -m dime_ds.match stage=match experiment="$EXPERIMENT" \

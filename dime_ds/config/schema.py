@@ -177,7 +177,11 @@ class CurateConfig:
     tail_share sets the balancing threshold."""
 
     stage: str = "metaclip"  # python -m dime_ds.curate stage=metaclip | semantic_balance | cluster
-    # true: the embed and match stages ground the curated pool <out_dir>/corpus instead of data.corpus
+    # what MetaCLIP balances: pool = the raw sentence pool, before embed and match (pipeline curate ->
+    # embed -> match -> distill) | grounded = Algorithm 1's grounded corpus <match.out_dir>/corpus, after
+    # match (embed -> match -> curate -> distill; train on it with data.texts=<out_dir>/corpus)
+    input: str = "pool"
+    # true (input=pool): the embed and match stages ground the curated pool <out_dir>/corpus instead of data.corpus
     enabled: bool = False
     metadata: Optional[str] = None  # entry list: MetaCLIP's metadata.json (a JSON list) or one entry a line
     t: Optional[float] = None  # head/tail threshold: entries matched more often are capped near t texts

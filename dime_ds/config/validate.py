@@ -27,6 +27,7 @@ CHOICES = {
     "match.index": ("flat", "ivf"),
     "match.stage": ("embed", "match", "all"),
     "curate.stage": ("metaclip", "semantic_balance", "cluster"),
+    "curate.input": ("pool", "grounded"),
     "embed.choice": ("random", "round_robin"),
     "eval.precision": ("auto", "bf16", "fp16", "fp32"),
 }
@@ -153,6 +154,10 @@ def _curate_errors(c) -> list[str]:
         errors.append(f"curate.target_size={c.target_size!r} must be > 0")
     if c.tail_share is not None and not 0.0 < c.tail_share <= 1.0:
         errors.append(f"curate.tail_share={c.tail_share!r} must lie in (0, 1]")
+    if c.enabled and c.input == "grounded":
+        errors.append("curate.enabled=true makes embed and match ground the curated pool, but with "
+                      "curate.input=grounded curation reads what match wrote: drop curate.enabled and train on "
+                      "the curated grounded corpus with data.texts=${curate.out_dir}/corpus")
     return errors
 
 

@@ -23,7 +23,7 @@ def build_report(c, meta, pool: str, shards: list[dict], counts: np.ndarray, kep
     head = counts >= t
     order = np.lexsort((np.arange(len(counts)), -counts))[:int(c.top_entries)]  # by count, then entry index
     return {
-        "format_version": REPORT_VERSION, "pool": pool,
+        "format_version": REPORT_VERSION, "pool": pool, "input": c.input,
         "metadata": {"path": meta.path, "sha256": meta.sha256, "entries": len(meta.entries), "notes": meta.notes},
         "t": t, "t_chosen": how, "tail_share": t_to_p(counts, t), "seed": int(c.seed),
         "sentences": sentences, "skipped": sum(len(r["skipped"]) for r in shards),
@@ -47,7 +47,8 @@ def _markdown(r: dict) -> str:
     e, m = r["entries"], r["matches"]
     lines = [
         "# Curated sentence pool (MetaCLIP metadata balancing)", "",
-        f"- pool: `{r['pool']}`: {r['sentences']} sentences ({r['skipped']} more undecodable, skipped)",
+        f"- {'grounded corpus' if r.get('input') == 'grounded' else 'pool'}: `{r['pool']}`: {r['sentences']} "
+        f"sentences ({r['skipped']} more undecodable, skipped)",
         f"- metadata: `{r['metadata']['path']}`, {r['metadata']['entries']} entries"
         + "".join(f"; {n}" for n in r["metadata"]["notes"]),
         f"- matched an entry: {r['sentences_matched']} sentences ({r['unmatched_dropped']} matching nothing, dropped)",

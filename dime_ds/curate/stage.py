@@ -1,6 +1,6 @@
 """The curation stage: `run_curate_stage(cfg)` (`python -m dime_ds.curate stage=metaclip`) curates
-the raw sentence pool (curate/pool.py) with MetaCLIP's matching and balancing (metaclip.py) on
-every rank of the job, into `curate.out_dir`:
+the raw sentence pool, or with curate.input=grounded the grounded corpus (curate/pool.py), with
+MetaCLIP's matching and balancing (metaclip.py) on every rank of the job, into `curate.out_dir`:
 
 - `matches/`        per input shard, its matched sentences (matches.py; reused by a rerun or resume);
 - `corpus/`         the curated pool: input shard i's kept sentences, every field as in the pool,
@@ -32,7 +32,7 @@ from tqdm import tqdm
 from dime_ds.curate import metaclip
 from dime_ds.curate.matches import ShardMatches, concat, match_shard
 from dime_ds.curate.metadata import Metadata, load_metadata
-from dime_ds.curate.pool import DONE, raw_pool
+from dime_ds.curate.pool import DONE, curation_input
 from dime_ds.data.embeddings import atomic_write
 from dime_ds.data.pipelines import iter_tar_samples
 from dime_ds.data.shards import ShardWriter, list_shards
@@ -128,8 +128,8 @@ def _write_rank_corpus(parts: list[ShardMatches], counts: np.ndarray, t: float, 
     return records, kept_counts
 
 
-def _finish(cfg: RootConfig, meta: Metadata, urls: list[str], gathered: list[list[dict]], counts: np.ndarray,
-            kept_counts: np.ndarray, t: float, how: str, expected: float, computed: int) -> dict:
+def _finish(cfg: RootConfig, meta: Metadata, source: str, urls: list[str], gathered: list[list[dict]],
+            counts: np.ndarray, kept_counts: np.ndarray, t: float, how: str, expected: float, computed: int) -> dict:
     """Rank 0: the corpus swapped in, counts, report, and the completion record last."""
     from dime_ds.curate.report import build_report, write_report
 
@@ -139,10 +139,10 @@ def _finish(cfg: RootConfig, meta: Metadata, urls: list[str], gathered: list[lis
     for name, array in (("entry_counts.npy", counts), ("entry_counts_kept.npy", kept_counts)):
         atomic_write(out / name, lambda f, a=array: np.save(f, a, allow_pickle=False))
     shards = sorted((r for rank in gathered for r in rank), key=lambda r: r["index"])
-    report = build_report(cfg.curate, meta, raw_pool(cfg), shards, counts, kept_counts, t, how, expected,
+    report = build_report(cfg.curate, meta, source, shards, counts, kept_counts, t, how, expected,
                           matched_now=computed)
     write_report(out, report)
-    done = {"format_version": FORMAT_VERSION, "pool": raw_pool(cfg), "sources": urls,
+    done = {"format_version": FORMAT_VERSION, "pool": source, "input": cfg.curate.input, "sources": urls,
             "metadata": meta.path, "metadata_sha256": meta.sha256, "t": t, "seed": int(cfg.curate.seed),
             "corpus": str(out / "corpus"), "shards": [{k: r[k] for k in ("index", "source", "shard", "kept")}
                                                        for r in shards]}
@@ -163,10 +163,11 @@ def run_curate_stage(cfg: RootConfig) -> dict:
     out = Path(c.out_dir)
     with stage(cfg.dist, cfg.device) as ctx:
         progress = bool(cfg.log.progress) and ctx.is_main
-        urls = agreed(list_shards, raw_pool(cfg), what="listing the sentence pool")
+        source = agreed(curation_input, cfg, what="finding the sentences to curate")
+        urls = agreed(list_shards, source, what="listing the sentence pool")
         meta = agreed(load_metadata, c.metadata, what="reading the metadata")
         if ctx.is_main:
-            log.info("curating %d shard(s) of %s against %d entries (%s) on %d rank(s)", len(urls), raw_pool(cfg),
+            log.info("curating %d shard(s) of %s against %d entries (%s) on %d rank(s)", len(urls), source,
                      len(meta.entries), meta.path, ctx.world_size)
             for note in meta.notes:
                 log.info("metadata %s: %s", meta.path, note)
@@ -179,7 +180,7 @@ def run_curate_stage(cfg: RootConfig) -> dict:
         total = _sum_over_ranks(local)  # the one all-reduce of the counts
         counts, (n_sentences, n_matched, computed) = total[:n], total[n:].tolist()
         if n_matched == 0:
-            raise CurationError(f"none of the {n_sentences} sentences of {raw_pool(cfg)} matches an entry of "
+            raise CurationError(f"none of the {n_sentences} sentences of {source} matches an entry of "
                                 f"{meta.path}: nothing to keep")
         t, how = resolve_t(c, counts, csr, n_matched)
         expected = metaclip.from_fixed(int(_sum_over_ranks(np.array(
@@ -192,9 +193,11 @@ def run_curate_stage(cfg: RootConfig) -> dict:
                                       progress, what="writing the curated corpus")
         kept_counts = _sum_over_ranks(kept_counts)
         gathered = gather_to_main(records)
-        report = on_main(_finish, cfg, meta, urls, gathered, counts, kept_counts, t, how, expected, computed,
+        report = on_main(_finish, cfg, meta, source, urls, gathered, counts, kept_counts, t, how, expected, computed,
                          what="writing the curation report")
     if ctx.is_main:
         log.info("curated pool: %d of %d sentences kept (%.1f %%) -> %s", report["sentences_kept"],
                  report["sentences"], 100 * report["kept_share"], report["corpus"])
+        if c.input == "grounded":
+            log.info("train on it: data.texts=%s", report["corpus"])
     return report

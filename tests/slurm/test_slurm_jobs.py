@@ -127,8 +127,11 @@ def test_launch_embed_then_match_through_submitit(slurm_cluster, tmp_path, tiny_
     assert list((tmp_path / "grounded").rglob("*.tar"))
 
 
-def test_sbatch_match_corpus_script_curates_then_grounds(slurm_cluster, tmp_path, tiny_world, tiny_teacher_dir):
-    """STAGES="curate embed match": the pool is curated on 2 tasks, then embedded and grounded."""
+@pytest.mark.parametrize("stages", ["curate embed match", "embed match curate"])
+def test_sbatch_match_corpus_script_curates_and_grounds(slurm_cluster, tmp_path, tiny_world, tiny_teacher_dir,
+                                                         stages):
+    """STAGES="curate embed match": the pool is curated on 2 tasks, then embedded and grounded;
+    "embed match curate": the grounded corpus is curated after match (curate.input=grounded)."""
     from dime_ds.demo.synthetic import COLOUR_NAMES, SHAPES
 
     meta = tmp_path / "entries.txt"
@@ -139,12 +142,18 @@ def test_sbatch_match_corpus_script_curates_then_grounds(slurm_cluster, tmp_path
                  "match.stop_ratio=1.0"]
     run = subprocess.run(["sbatch", "--wait", "--parsable", f"--output={out}", *SBATCH_CPU,
                           str(REPO / "slurm" / "match_corpus.sh"), *overrides],
-                         capture_output=True, text=True, env=_script_env(STAGES="curate embed match"), timeout=280)
+                         capture_output=True, text=True, env=_script_env(STAGES=stages), timeout=280)
     job_id = run.stdout.strip().split(";")[0]
     log = Path(str(out).replace("%j", job_id)).read_text()
     assert run.returncode == 0, f"{run.stderr}\n{log[-4000:]}"
     assert "curating" in log and "curated pool:" in log
     curated = json.loads((tmp_path / "curated" / "curate.json").read_text())
     manifest = json.loads((tmp_path / "embeddings" / "texts" / "manifest.json").read_text())
-    assert {Path(r["source"]).parent for r in manifest["shards"]} == {Path(curated["corpus"])}
+    sources = {Path(r["source"]).parent for r in manifest["shards"]}
     assert list((tmp_path / "grounded" / "corpus").glob("*.tar"))
+    if stages.startswith("curate"):
+        assert sources == {Path(curated["corpus"])}
+    else:  # the raw pool grounded, then its grounded corpus curated
+        assert sources == {tiny_world / "texts"}
+        assert (curated["input"], curated["pool"]) == ("grounded", str(tmp_path / "grounded" / "corpus"))
+        assert list((tmp_path / "curated" / "corpus").glob("*.tar"))

@@ -196,3 +196,51 @@ def test_embed_and_match_ground_the_curated_pool(tmp_path, tiny_world, tiny_teac
     assert set(EmbeddingCache(tmp_path / "embeddings/texts").keys()) == curated
     grounded = json.loads((tmp_path / "grounded/assignment.json").read_text())["assignment"]
     assert grounded and set(grounded.values()) <= curated
+
+
+def test_the_grounded_corpus_curated_after_match(tmp_path, tiny_world, tiny_teacher_dir, capsys):
+    """embed -> match -> curate (curate.input=grounded): the curated corpus is MetaCLIP's keep rule
+    over the grounded corpus, every field of a kept sample as the match stage wrote it; the raw pool
+    and the grounded corpus are untouched; each misuse is a message naming the fix."""
+    from dime_ds.demo.synthetic import COLOUR_NAMES, SHAPES
+    from dime_ds.match import main as match_main
+
+    meta = tmp_path / "entries.txt"
+    meta.write_text("\n".join([*SHAPES, *COLOUR_NAMES]) + "\n")
+    base = ["experiment=demo", f"work_dir={tmp_path}", f"data.root={tiny_world}", "device=cpu", "log.progress=false",
+            f"curate.metadata={meta}", "curate.t=3", "curate.input=grounded"]
+    assert run_entry(main, base) == 2  # nothing grounded yet
+    assert "which the match stage has not written" in capsys.readouterr().err
+    match_args = ["experiment=demo", f"work_dir={tmp_path}", f"data.root={tiny_world}", "device=cpu",
+                  "log.progress=false", f"teacher.arch=local-dir:{tiny_teacher_dir}", "match.topk=4",
+                  "match.stop_ratio=1.0"]
+    assert run_entry(match_main, [*match_args, "stage=all"]) == 0
+    grounded_dir = tmp_path / "grounded"
+    grounded = read_corpus(grounded_dir)
+    before = dict(grounded["shards"])
+
+    assert run_entry(main, [*base, "curate.enabled=true"]) == 2
+    assert "data.texts=${curate.out_dir}/corpus" in capsys.readouterr().err
+    assert run_entry(main, [*base, f"curate.out_dir={grounded_dir}"]) == 2
+    assert "over its own input" in capsys.readouterr().err
+
+    assert run_entry(main, base) == 0
+    assert f"train on it: data.texts={tmp_path / 'curated/corpus'}" in capsys.readouterr().err
+    curated = read_corpus(tmp_path / "curated")["samples"]
+    report = json.loads((tmp_path / "curated/report.json").read_text())
+    assert report["input"] == "grounded" and report["pool"] == str(grounded_dir / "corpus")
+    assert report["sentences"] == len(grounded["samples"]) and 0 < len(curated) < len(grounded["samples"])
+    assert {k: grounded["samples"][k] for k in curated} == curated  # txt and the grounding json, byte for byte
+    assert set(curated) == reference_keep_of(grounded_dir / "corpus", [*SHAPES, *COLOUR_NAMES], 3, 0)
+    assert read_corpus(grounded_dir)["shards"] == before
+
+
+def reference_keep_of(corpus: Path, entries: list[str], t: float, seed: int) -> set[str]:
+    from dime_ds.curate.metaclip import entry_counts, keep_mask, match
+    from dime_ds.data.pipelines import iter_tar_samples
+    from dime_ds.data.shards import list_shards
+
+    samples = [(raw["__key__"], raw["txt"].decode().strip()) for raw in iter_tar_samples(list_shards(corpus))]
+    keys, matched = [k for k, _ in samples], match([text for _, text in samples], entries)
+    mask = keep_mask(keys, matched, entry_counts(matched, len(entries)), t, seed)
+    return {k for k, kept in zip(keys, mask) if kept}
