@@ -57,36 +57,50 @@ class Comparison:
         raise NotImplementedError
 
 
+def _curation_line(what: str, r: dict) -> str:
+    return (f"MetaCLIP curation of {what} (t = {r['t']:.0f}, {Path(r['metadata']['path']).name}, "
+            f"{r['entries']['head']} head entries of {r['entries']['total']}): {r['sentences_kept']} of "
+            f"{r['sentences']} sentences kept")
+
+
 class Curation(Comparison):
-    """DIME-FM #16: the sentence pool curated with MetaCLIP against the world's concept list."""
+    """DIME-FM #16: MetaCLIP curation against the world's concept lists, in both places: the sentence
+    pool before it is grounded (demo_curated), and the grounded corpus after Algorithm 1
+    (demo_curated_grounded, over the world's objects)."""
 
     name = "curation"
-    students = (Student("student DIME-FM (curated pool)", "demo_curated"),)
+    students = (Student("student DIME-FM (curated pool)", "demo_curated"),
+                Student("student DIME-FM (curated grounded)", "demo_curated_grounded"))
 
     def prepare(self, cfgs, raw):
         from dime_ds.curate.stage import run_curate_stage
 
         cfg = cfgs["demo_curated"]
-        return {"report": run_curate_stage(cfg), "grounding": ground(cfg)}
+        report, grounding = run_curate_stage(cfg), ground(cfg)
+        after = run_curate_stage(cfgs["demo_curated_grounded"])  # of the raw pool's grounding: main() ran it
+        return {"report": report, "grounding": grounding, "grounded_report": after}
 
     def lines(self, cfgs, raw, prepared, results, summaries):
         from dime_ds.demo.coverage import coverage_table, pool_sentences
         from dime_ds.demo.synthetic import SHAPES
 
-        cfg, curation = cfgs["demo_curated"], prepared["report"]
+        cfg, curation, after = cfgs["demo_curated"], prepared["report"], prepared["grounded_report"]
         pools = {"raw pool": pool_sentences(raw.data.corpus),
                  "curated pool": pool_sentences(str(Path(cfg.curate.out_dir) / "corpus")),
                  "grounded raw": pool_sentences(raw.data.texts),
-                 "grounded curated": pool_sentences(cfg.data.texts)}
+                 "grounded curated": pool_sentences(cfg.data.texts),
+                 "grounded, then curated": pool_sentences(cfgs["demo_curated_grounded"].data.texts)}
         per_class = {"raw": results[RAW_COLUMN]["shape"]["per_class"],
-                     "curated": results[self.students[0].column]["shape"]["per_class"]}
+                     "curated pool": results[self.students[0].column]["shape"]["per_class"],
+                     "curated grounded": results[self.students[1].column]["shape"]["per_class"]}
         table, coverage = coverage_table(pools, SHAPES, per_class)
-        lines = [grounding_line("curated", prepared["grounding"]),
-                 f"\nMetaCLIP curation (t = {curation['t']:.0f}, {curation['entries']['head']} head entries of "
-                 f"{curation['entries']['total']}): {curation['sentences_kept']} of {curation['sentences']} sentences "
-                 "kept; sentences naming each shape class, and the DIME-FM students' zero-shot top-1 per class (%):",
+        lines = [grounding_line("curated", prepared["grounding"]), "",
+                 _curation_line("the pool before grounding", curation),
+                 _curation_line("the grounded corpus after Algorithm 1", after),
+                 "sentences naming each shape class, and the DIME-FM students' zero-shot top-1 per class (%):",
                  table]
-        return lines, {"report": curation, "coverage": {**coverage, "t": curation["t"], "kept": curation["sentences_kept"]},
+        return lines, {"report": curation, "grounded_report": after,
+                       "coverage": {**coverage, "t": curation["t"], "kept": curation["sentences_kept"]},
                        "grounding": grounding_record(prepared["grounding"])}
 
 

@@ -20,6 +20,8 @@ can be regenerated alone and nothing depends on shard size. `write_world` writes
 - `metadata.txt`  the world's concept list for MetaCLIP curation, one entry a line: shapes, colours,
                   sizes, backgrounds, and the distractor vocabulary (unseen objects, places, the
                   non-visual grammar's words).
+- `metadata_objects.txt`  the same without the attribute words (colours, sizes, positions,
+                  backgrounds): what a sentence is about, for balancing over objects.
 - `paired/`       fresh scenes with captions (jpg + txt + json), for a teacher or a CLIP baseline.
 - `eval/shape/`, `eval/colour/`  single-object images, class-balanced (label = index mod classes),
                   jpg + cls + json, and classnames.txt.
@@ -51,8 +53,9 @@ from dime_ds.config.schema import SyntheticConfig
 from dime_ds.data.shards import ShardWriter, sha256_file
 from dime_ds.errors import UserError
 
-FORMAT_VERSION = 6  # 2: eval sets carry templates.txt; 3: shape prompts name colours; 4: eval/captions;
-# 5: metadata.txt, head_skew, duplicate_fraction; 6: a duplicate is its source's pixels, noised and re-encoded
+FORMAT_VERSION = 7  # 2: eval sets carry templates.txt; 3: shape prompts name colours; 4: eval/captions;
+# 5: metadata.txt, head_skew, duplicate_fraction; 6: a duplicate is its source's pixels, noised and re-encoded;
+# 7: metadata_objects.txt
 JPEG_QUALITY = 90
 DUPLICATE_NOISE_STD, DUPLICATE_JPEG_QUALITY = 4.0, 85  # a near-duplicate's own noise and re-encoding
 
@@ -359,13 +362,17 @@ def nonvisual_sentence(rng: np.random.Generator) -> str:
     return template.format(**{slot: _pick(rng, words) for slot, words in _NONVISUAL_SLOTS.items()})
 
 
-def metadata_entries() -> list[str]:
+def metadata_entries(attributes: bool = True) -> list[str]:
     """The world's concepts for MetaCLIP curation (`metadata.txt`), in a fixed order, each once:
-    what it draws (shapes, colours, sizes, positions, backgrounds) and the distractor vocabulary."""
+    what it draws (shapes, colours, sizes, positions, backgrounds) and the distractor vocabulary.
+    attributes=False (`metadata_objects.txt`) leaves out the colours, sizes, positions and
+    backgrounds: MetaCLIP keeps a sentence outright when any entry it matches is a tail one, so
+    attribute words, which every describing sentence carries, blunt a balancing over the objects."""
     places = [p.split(" ", 1)[1].removeprefix("a ").removeprefix("the ").removeprefix("front of a ")
               for p in _PLACES]
-    groups = [SHAPES, COLOUR_NAMES, tuple(SIZES), tuple(POSITIONS), ("middle",), tuple(BACKGROUNDS),
-              _UNSEEN_COLOURABLE, _UNSEEN_PLAIN, places, *_NONVISUAL_SLOTS.values()]
+    attribute_groups = [COLOUR_NAMES, tuple(SIZES), tuple(POSITIONS), ("middle",), tuple(BACKGROUNDS)]
+    groups = [SHAPES, *(attribute_groups if attributes else ()), _UNSEEN_COLOURABLE, _UNSEEN_PLAIN, places,
+              *_NONVISUAL_SLOTS.values()]
     return list(dict.fromkeys(entry for group in groups for entry in group))
 
 
@@ -469,7 +476,7 @@ def _caption_samples(c: dict) -> Iterator[Sample]:
 
 
 CAPTIONS_PER_IMAGE = 2
-METADATA = "metadata.txt"
+METADATA, METADATA_OBJECTS = "metadata.txt", "metadata_objects.txt"
 
 
 def _eval_samples(c: dict, task: str) -> Iterator[Sample]:
@@ -575,6 +582,7 @@ def write_world(out_dir: str | os.PathLike, cfg: SyntheticConfig, force: bool = 
         _atomic_write_text(out / "eval" / task / "classnames.txt", "\n".join(classnames) + "\n")
         _atomic_write_text(out / "eval" / task / "templates.txt", "\n".join(EVAL_TEMPLATES[task]) + "\n")
     _atomic_write_text(out / METADATA, "\n".join(metadata_entries()) + "\n")
+    _atomic_write_text(out / METADATA_OBJECTS, "\n".join(metadata_entries(attributes=False)) + "\n")
 
     world = {
         "format_version": FORMAT_VERSION,
@@ -586,6 +594,7 @@ def write_world(out_dir: str | os.PathLike, cfg: SyntheticConfig, force: bool = 
         "held_out_combinations": sorted(list(pair) for pair in HELD_OUT),
         "duplicates": {image_key(d): image_key(src) for d, src in duplicate_plan(c).items()},
         "metadata": METADATA,
+        "metadata_objects": METADATA_OBJECTS,
         "shards": shards,
     }
     _atomic_write_text(out / "world.json", json.dumps(world, indent=2, sort_keys=True) + "\n")

@@ -27,6 +27,7 @@ def test_demo_end_to_end_then_reuses_teacher(tmp_path):
     assert first.returncode == 0, first.stderr[-3000:]
     assert "teacher trained in" in first.stdout
     models = ("teacher (CLIP, paired)", "student DIME-FM (raw pool)", "student DIME-FM (curated pool)",
+              "student DIME-FM (curated grounded)",
               "student DIME-FM (balanced images)", "student DIME-FM + CID (balanced)",
               "student DIME-FM (cache K=1, no aug)", "student DIME-FM (cache K=4 views)",
               "student from scratch (paired)")
@@ -46,9 +47,14 @@ def test_demo_end_to_end_then_reuses_teacher(tmp_path):
     # MetaCLIP curation beside it: per shape class, sentences in every pool and per-class zero-shot
     assert "MetaCLIP curation" in first.stdout and "grounded corpus (curated pool)" in first.stdout
     coverage = results["curation"]["coverage"]
-    assert set(coverage["sizes"]) == {"raw pool", "curated pool", "grounded raw", "grounded curated"}
+    assert set(coverage["sizes"]) == {"raw pool", "curated pool", "grounded raw", "grounded curated",
+                                      "grounded, then curated"}
     assert coverage["sizes"]["curated pool"] == results["curation"]["report"]["sentences_kept"]
     assert coverage["sizes"]["curated pool"] <= coverage["sizes"]["raw pool"]
+    after = results["curation"]["grounded_report"]  # the grounded corpus curated after Algorithm 1
+    assert after["input"] == "grounded" and after["pool"] == str(tmp_path / "grounded" / "corpus")
+    assert coverage["sizes"]["grounded, then curated"] == after["sentences_kept"] <= coverage["sizes"]["grounded raw"]
+    assert "curated_grounded/corpus" in (tmp_path / "runs" / "demo_curated_grounded" / "config.yaml").read_text()
     for per_class in coverage["zero_shot_per_class"].values():
         assert len(per_class) == 8
     # Semantic balance, scored against the world's planted duplicates (13 of the 64 images), and the
@@ -68,7 +74,7 @@ def test_demo_end_to_end_then_reuses_teacher(tmp_path):
     assert results["views"]["embed"]["images"]["views"] == 4
     saved = json.loads((tmp_path / "runs" / "demo" / "eval" / "synthetic.json").read_text())
     assert saved["results"] == results["eval"]
-    for run in ("demo", "demo_curated", "demo_balanced", "demo_cid", "demo_cached", "demo_views", "demo_baseline"):
+    for run in ("demo", "demo_curated", "demo_curated_grounded", "demo_balanced", "demo_cid", "demo_cached", "demo_views", "demo_baseline"):
         assert (tmp_path / "runs" / run / "config.yaml").is_file()
         assert (tmp_path / "runs" / run / "final" / "student.safetensors").is_file()
         assert list((tmp_path / "runs" / run / "tensorboard").glob("events.out.tfevents.*"))

@@ -306,3 +306,10 @@ def test_metadata_lists_the_world_concepts_once_and_every_visual_sentence_matche
     matched = match([t for t, _ in texts], entries)
     for (text, kind), m in zip(texts, matched):
         assert m or kind == "nonvisual", text  # every describing / other-scene sentence names a concept
+    # the objects-only list: the same entries in the same order less the attribute words, and a
+    # describing sentence still matches it (it names its shape)
+    objects = (world_dir / syn.METADATA_OBJECTS).read_text().splitlines()
+    attributes = {*syn.COLOUR_NAMES, *syn.SIZES, *syn.POSITIONS, "middle", *syn.BACKGROUNDS}
+    assert objects == [e for e in entries if e not in attributes] and set(syn.SHAPES) <= set(objects)
+    for (text, kind), m in zip(texts, match([t for t, _ in texts], objects)):
+        assert m or kind != "describing", text
