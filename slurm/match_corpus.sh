@@ -41,8 +41,10 @@ STAGES=${STAGES:-embed match}
 CURATED=()       # what every stage gets when curate runs first (the user's overrides still win)
 CURATE_INPUT=()  # what the curate stage gets when it runs after match
 case " $STAGES " in
-    *" match "*" curate "*) CURATE_INPUT=(curate.input=grounded) ;;
-    *" curate "*) CURATED=(curate.enabled=true) ;;
+    *" curate "*) case " ${STAGES%%curate*} " in  # the stages before curate
+                      *" match "*) CURATE_INPUT=(curate.input=grounded) ;;
+                      *) CURATED=(curate.enabled=true) ;;
+                  esac ;;
 esac
 
 echo "job ${SLURM_JOB_ID} (restart ${SLURM_RESTART_COUNT:-0}) on ${SLURM_JOB_NODELIST}: $(date)"
