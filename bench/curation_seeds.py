@@ -58,7 +58,9 @@ def main() -> int:
             print(f"{e} seed {s}: " + " ".join(f"{v:.1f}" for v in scores[e][-1]), flush=True)
 
     def cell(values: list[float]) -> str:
-        return f"{statistics.mean(values):.1f} ± {statistics.stdev(values):.1f}" if len(values) > 1 else f"{values[0]:.1f}"
+        if len(values) == 1:
+            return f"{values[0]:.1f}"
+        return f"{statistics.mean(values):.1f} ± {statistics.stdev(values):.1f}"
 
     base = a.experiments[0]
     header = ["class", *[f"{e} (mean ± sd)" for e in a.experiments], *[f"{e} - {base}" for e in a.experiments[1:]]]

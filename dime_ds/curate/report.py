@@ -47,7 +47,7 @@ def _markdown(r: dict) -> str:
     e, m = r["entries"], r["matches"]
     lines = [
         "# Curated sentence pool (MetaCLIP metadata balancing)", "",
-        f"- {'grounded corpus' if r.get('input') == 'grounded' else 'pool'}: `{r['pool']}`: {r['sentences']} "
+        f"- {'grounded corpus' if r['input'] == 'grounded' else 'pool'}: `{r['pool']}`: {r['sentences']} "
         f"sentences ({r['skipped']} more undecodable, skipped)",
         f"- metadata: `{r['metadata']['path']}`, {r['metadata']['entries']} entries"
         + "".join(f"; {n}" for n in r["metadata"]["notes"]),

@@ -74,7 +74,8 @@ def test_demo_end_to_end_then_reuses_teacher(tmp_path):
     assert results["views"]["embed"]["images"]["views"] == 4
     saved = json.loads((tmp_path / "runs" / "demo" / "eval" / "synthetic.json").read_text())
     assert saved["results"] == results["eval"]
-    for run in ("demo", "demo_curated", "demo_curated_grounded", "demo_balanced", "demo_cid", "demo_cached", "demo_views", "demo_baseline"):
+    for run in ("demo", "demo_curated", "demo_curated_grounded", "demo_balanced", "demo_cid", "demo_cached",
+                "demo_views", "demo_baseline"):
         assert (tmp_path / "runs" / run / "config.yaml").is_file()
         assert (tmp_path / "runs" / run / "final" / "student.safetensors").is_file()
         assert list((tmp_path / "runs" / run / "tensorboard").glob("events.out.tfevents.*"))

@@ -61,8 +61,9 @@ def read_corpus(out: Path) -> dict[str, dict]:
     return {"samples": samples, "shards": shards}
 
 
-def reference_keep(pool: Path, t: float, seed: int) -> set[str]:
-    """The curated keys computed from the whole pool at once with the public functions."""
+def reference_keep(pool: Path, t: float, seed: int, entries: list[str] | None = None) -> set[str]:
+    """The curated keys computed from the whole pool at once with the public functions (entries:
+    the normalised metadata; default this module's ENTRIES)."""
     from dime_ds.curate.metaclip import entry_counts, keep_mask, match
     from dime_ds.data.pipelines import iter_tar_samples
     from dime_ds.data.shards import list_shards
@@ -73,7 +74,7 @@ def reference_keep(pool: Path, t: float, seed: int) -> set[str]:
         if text:
             keys.append(raw["__key__"])
             texts.append(text)
-    entries = [e for e in dict.fromkeys(ENTRIES) if e]
+    entries = entries or [e for e in dict.fromkeys(ENTRIES) if e]
     matched = match(texts, entries)
     mask = keep_mask(keys, matched, entry_counts(matched, len(entries)), t, seed)
     return {k for k, kept in zip(keys, mask) if kept}
@@ -231,16 +232,6 @@ def test_the_grounded_corpus_curated_after_match(tmp_path, tiny_world, tiny_teac
     assert report["input"] == "grounded" and report["pool"] == str(grounded_dir / "corpus")
     assert report["sentences"] == len(grounded["samples"]) and 0 < len(curated) < len(grounded["samples"])
     assert {k: grounded["samples"][k] for k in curated} == curated  # txt and the grounding json, byte for byte
-    assert set(curated) == reference_keep_of(grounded_dir / "corpus", [*SHAPES, *COLOUR_NAMES], 3, 0)
+    assert set(curated) == reference_keep(grounded_dir / "corpus", 3, 0, [*SHAPES, *COLOUR_NAMES])
     assert read_corpus(grounded_dir)["shards"] == before
 
-
-def reference_keep_of(corpus: Path, entries: list[str], t: float, seed: int) -> set[str]:
-    from dime_ds.curate.metaclip import entry_counts, keep_mask, match
-    from dime_ds.data.pipelines import iter_tar_samples
-    from dime_ds.data.shards import list_shards
-
-    samples = [(raw["__key__"], raw["txt"].decode().strip()) for raw in iter_tar_samples(list_shards(corpus))]
-    keys, matched = [k for k, _ in samples], match([text for _, text in samples], entries)
-    mask = keep_mask(keys, matched, entry_counts(matched, len(entries)), t, seed)
-    return {k for k, kept in zip(keys, mask) if kept}
