@@ -24,7 +24,7 @@ def extraction(n_images: int, image_size: int, batch_size: int, model_dir: str |
     import torch
     from omegaconf import OmegaConf
 
-    from dime_ds.config.schema import SyntheticConfig
+    from dime_ds.config.demo_schema import SyntheticConfig
     from dime_ds.demo.synthetic import write_world
     from dime_ds.eval.features import extract
     from dime_ds.eval.models import openclip_encoder

@@ -50,7 +50,7 @@ def _maxrss_mib() -> float:
 def worker(args) -> None:
     import numpy as np
 
-    from dime_ds.ground.algorithm1 import ground, greedy_ground_reference
+    from dime_ds.match.algorithm1 import ground, greedy_ground_reference
 
     img, txt = make_data(args.images, args.texts, args.dim, args.seed)
     data_mib = _maxrss_mib()

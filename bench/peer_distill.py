@@ -223,10 +223,10 @@ def run_case(world: dict, args, case: str) -> list[float]:
 
 
 def model_flops(args) -> dict:
-    """FLOPs per sample (dime_ds.log.flops, counted on meta-device copies): the student's forward and
+    """FLOPs per sample (dime_ds.models.flops, counted on meta-device copies): the student's forward and
     backward (its own text tower, projected into the teacher's width as dime_ds trains it) and the
     teacher's forward; the same figures for both tools, which train the same models."""
-    from dime_ds.log.flops import student_flops, teacher_flops
+    from dime_ds.models.flops import student_flops, teacher_flops
     from dime_ds.models.student import Student
 
     teacher_cfg, student_cfg = model_cfgs(args)

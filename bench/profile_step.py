@@ -60,7 +60,7 @@ def profile_dime(overrides: list[str], steps: int, warmup: int, trace: Path, top
 
     from dime_ds.config import load_config
     from dime_ds.engine import loop
-    from dime_ds.engine.run import run_training
+    from dime_ds.training import run_training
     from dime_ds.log.setup import setup_logging
 
     state = {"step": 0, "prof": None, "wall": []}
@@ -72,7 +72,7 @@ def profile_dime(overrides: list[str], steps: int, warmup: int, trace: Path, top
         with record_function("teacher"):
             targets = objective.targets(batch)
         with record_function("student_forward"):
-            features = objective.student_features(trainer._forward, batch)
+            features = objective.student_features(trainer.forward, batch)
         with record_function("loss"):
             losses = objective.losses(features, targets)
         with record_function("backward"):

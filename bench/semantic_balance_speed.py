@@ -90,7 +90,7 @@ def bucketed_macs(n: int, d: int, buckets: int, search: float | None = None) -> 
 
 def _kmeans(x, k: int, niter: int, seed: int) -> dict:
     from dime_ds.curate.cluster_stage import cluster_images
-    from dime_ds.ground.search import Rows
+    from dime_ds.knn.search import Rows
 
     import numpy as np
 

@@ -7,15 +7,16 @@ from typing import Sequence
 
 from dime_ds.cli import run_entry
 from dime_ds.config import load_config, require
+from dime_ds.jobs import STOPPED
 
 
 def main(overrides: Sequence[str]) -> int:
     cfg = load_config(overrides)
-    require(cfg, *(("data.paired",) if cfg.loss.kind == "clip" else ("data.images", "data.texts")))
-    from dime_ds.engine.run import run_training  # after validation: no heavy import for a bad config
+    require(cfg, *(("data.paired",) if cfg.loss.objective == "clip" else ("data.images", "data.texts")))
+    from dime_ds.training import run_training  # after validation: no heavy import for a bad config
 
     summary = run_training(cfg)
-    return 0 if summary["status"] == "completed" else 3
+    return 0 if summary["status"] == "completed" else STOPPED
 
 
 if __name__ == "__main__":

@@ -52,8 +52,8 @@ def export_student(checkpoint: str | Path, out_dir: str | Path, tag: str | None 
         text_state, text_cfg = teacher.text_tower_state()
     state, model_cfg = student.openclip_state(text_state, text_cfg)
     provenance = {"source": str(ckpt_dir / tag), "tag": tag, "step": step_of(tag), "run": cfg.name,
-                  "student_text": student.text_mode, "loss": cfg.loss.kind}
-    if cfg.loss.kind != "clip":  # a CLIP-loss run (demo teacher, from-scratch baseline) had no teacher
+                  "student_text": student.text_mode, "loss": cfg.loss.objective}
+    if cfg.loss.objective != "clip":  # a CLIP-loss run (demo teacher, from-scratch baseline) had no teacher
         provenance.update(teacher=cfg.teacher.arch, teacher_pretrained=cfg.teacher.pretrained)
     return save_openclip_dir(state, model_cfg, student_preprocess_cfg(student.model_cfg), out, extra=provenance)
 

@@ -13,8 +13,10 @@
 #   SRUN_ARGS   extra srun arguments
 #   TORCH_EXTENSIONS_DIR  shared cache for DeepSpeed's JIT-compiled ops (set it on a shared file system)
 # Preemption / time limit: SLURM sends SIGUSR1 120 s before the limit (SIGTERM on preemption); the
-# trainer checkpoints at the next step and exits with status 3; this script then requeues the job,
-# which resumes from the checkpoint (ckpt.resume=latest). Logs are appended across requeues.
+# trainer checkpoints at the next step, rank 0 requeues the job (dime_ds/jobs.py) and the requeued
+# job resumes from the checkpoint (ckpt.resume=latest). Logs are appended across requeues.
+# The #SBATCH request below is what this submitit launch asks for (tests/slurm/test_launch_dry_run.py):
+# launch-equivalent: python -m dime_ds.launch stage=distill experiment=vitb32_from_vitl14
 #SBATCH --job-name=dime_distill_vitb32
 #SBATCH --nodes=8
 #SBATCH --ntasks-per-node=8
@@ -34,18 +36,8 @@
 
 PYTHON=${PYTHON:-python}
 EXPERIMENT=${EXPERIMENT:-vitb32_from_vitl14}
-STOPPED=3  # dime_ds exit status: stopped by a signal after checkpointing
 
 echo "job ${SLURM_JOB_ID} (restart ${SLURM_RESTART_COUNT:-0}) on ${SLURM_JOB_NODELIST}: $(date)"
-# The tasks get SLURM's signals themselves; the batch shell only waits for them to checkpoint.
-trap 'echo "batch script: signal received, waiting for the tasks to checkpoint"' USR1 TERM
+# exec: srun stays the batch step until every task has checkpointed and exited
 # shellcheck disable=SC2086
-srun --kill-on-bad-exit=1 ${SRUN_ARGS:-} "$PYTHON" -m dime_ds.distill experiment="$EXPERIMENT" ckpt.resume=latest "$@" &
-pid=$!
-while kill -0 "$pid" 2>/dev/null; do wait "$pid"; done  # a trapped signal ends `wait` early
-wait "$pid"; status=$?
-if [ "$status" -eq "$STOPPED" ]; then
-    echo "stopped after a checkpoint: requeueing job ${SLURM_JOB_ID}"
-    scontrol requeue "$SLURM_JOB_ID" || echo "scontrol requeue failed (already being requeued?)"
-fi
-exit "$status"
+exec srun --kill-on-bad-exit=1 ${SRUN_ARGS:-} "$PYTHON" -m dime_ds.distill experiment="$EXPERIMENT" ckpt.resume=latest "$@"

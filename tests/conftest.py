@@ -31,7 +31,7 @@ def tiny_model_cfg(embed_dim: int = 32, width: int = 32) -> dict:
 
 @pytest.fixture(scope="session")
 def tiny_world(tmp_path_factory):
-    from dime_ds.config.schema import SyntheticConfig
+    from dime_ds.config.demo_schema import SyntheticConfig
     from dime_ds.demo.synthetic import write_world
 
     out = tmp_path_factory.mktemp("tiny_world")

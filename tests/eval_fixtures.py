@@ -43,7 +43,7 @@ def write_retrieval_shards(out: Path, colours: np.ndarray, shard_size: int, deco
 
 def colour_encoder():
     """Images -> their mean normalised colour; "rgb r g b" -> the same vector computed from the numbers."""
-    from dime_ds.eval.features import Encoder
+    from dime_ds.models.encoder import Encoder
 
     mean, std = torch.tensor(MEAN), torch.tensor(STD)
 

@@ -68,7 +68,7 @@ def worker(overrides: list[str], out: str) -> None:
 
     from dime_ds.config import load_config
     from dime_ds.engine import loop
-    from dime_ds.engine.run import run_training
+    from dime_ds.training import run_training
     from dime_ds.log.setup import setup_logging
 
     record: dict = {"step_s": [], "phases_s": []}

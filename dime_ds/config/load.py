@@ -12,12 +12,23 @@ from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from dime_ds.config.schema import register
+from dime_ds import atomic
+from hydra.core.config_store import ConfigStore
+
+from dime_ds.config.demo_schema import DemoRootConfig
+from dime_ds.config.schema import SCHEMA_GROUP, RootConfig
 from dime_ds.config.user_eval import add_user_datasets, check_user_datasets, forget_suite_file, split_user_eval
 from dime_ds.config.validate import ConfigError, validate
 
 
 PACKAGE = Path(__file__).resolve().parents[1]
+
+
+def register() -> None:
+    """The typed schemas, as options of the `schema` group that every config's defaults list starts with."""
+    store = ConfigStore.instance()
+    store.store(group=SCHEMA_GROUP, name="library", node=RootConfig, package="_global_")
+    store.store(group=SCHEMA_GROUP, name="demo", node=DemoRootConfig, package="_global_")
 
 
 def shipped_dir(name: str) -> Path:
@@ -81,7 +92,5 @@ def save_config(cfg: DictConfig, directory: str | os.PathLike) -> Path:
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
     path = out / "config.yaml"
-    tmp = path.with_suffix(".yaml.tmp")
-    tmp.write_text(OmegaConf.to_yaml(cfg, resolve=True))
-    tmp.replace(path)
+    atomic.write_text(path, OmegaConf.to_yaml(cfg, resolve=True))
     return path

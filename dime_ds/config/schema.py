@@ -1,13 +1,136 @@
-"""Typed schema of every config section. Each knob has exactly one owner here; YAML in configs/
-only sets values. Registered with Hydra's ConfigStore so unknown keys and wrong types fail at
-composition time, naming the key."""
+"""Typed schema of every config section. Each knob has exactly one owner here, with its default,
+its allowed values (an enum type) and its range check (positive(), non_negative(), fraction():
+config/validate.py applies them); YAML in configs/ only sets values. Registered with Hydra's
+ConfigStore so unknown keys, wrong types and values outside an enum fail at composition time,
+naming the key."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from enum import Enum
 from typing import Any, Dict, List, Optional
 
-from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
+
+
+class Choice(str, Enum):
+    """A value from a fixed set. A member is its string: it compares, hashes, formats and saves as
+    its value, so code reads `cfg.teacher.shard == "zero3"` and YAML stays plain."""
+
+    def __str__(self) -> str:
+        return self.value
+
+    __format__ = str.__format__
+
+    @classmethod
+    def values(cls) -> tuple[str, ...]:
+        return tuple(m.value for m in cls)
+
+
+CHECK = "check"  # field metadata key: the range rule validate.py applies to the value
+
+
+def positive(default: Any) -> Any:
+    return field(default=default, metadata={CHECK: "positive"})
+
+
+def non_negative(default: Any) -> Any:
+    return field(default=default, metadata={CHECK: "non_negative"})
+
+
+def fraction(default: Any) -> Any:
+    """A value in [0, 1]."""
+    return field(default=default, metadata={CHECK: "fraction"})
+
+
+class Device(Choice):
+    auto = "auto"  # cuda when available, else cpu
+    cpu = "cpu"
+    cuda = "cuda"
+
+
+class PrecisionName(Choice):
+    auto = "auto"
+    bf16 = "bf16"
+    fp16 = "fp16"
+    fp32 = "fp32"
+
+
+class TeacherShard(Choice):
+    replicate = "replicate"  # a copy per rank
+    zero3 = "zero3"  # parameters partitioned over ranks (ZeRO-3 inference engine)
+
+
+class TeacherSource(Choice):
+    live = "live"  # run the teacher
+    cache = "cache"  # read embeddings written by the embed stage
+
+
+class StudentText(Choice):
+    teacher = "teacher"  # the teacher's frozen text tower
+    own = "own"  # a student text tower, distilled
+
+
+class Objective(Choice):
+    dime = "dime"  # DIME-FM on unpaired images and sentences
+    clip = "clip"  # contrastive CLIP loss on image-caption pairs
+
+
+class OptimizerName(Choice):
+    adamw = "adamw"
+
+
+class Schedule(Choice):
+    cosine = "cosine"
+    constant = "constant"
+
+
+class Backend(Choice):
+    auto = "auto"  # nccl on GPUs, gloo on CPU
+    nccl = "nccl"
+    gloo = "gloo"
+
+
+class MatchIndex(Choice):
+    flat = "flat"  # exact
+    ivf = "ivf"  # approximate, for corpora that do not fit
+
+
+class MatchStage(Choice):
+    embed = "embed"
+    match = "match"
+    all = "all"  # embed, then match
+
+
+class CurateStage(Choice):
+    metaclip = "metaclip"
+    semantic_balance = "semantic_balance"
+    cluster = "cluster"
+
+
+class CurateInput(Choice):
+    pool = "pool"
+    grounded = "grounded"
+
+
+class TextPool(Choice):
+    raw = "raw"  # data.corpus, else data.texts
+    curated = "curated"  # the curation stage's <curate.out_dir>/corpus
+
+
+class ViewChoice(Choice):
+    random = "random"
+    round_robin = "round_robin"
+
+
+class EvalTask(Choice):
+    zeroshot = "zeroshot"
+    retrieval = "retrieval"
+    linear_probe = "linear_probe"
+
+
+class EvalMetric(Choice):
+    top1 = "top1"
+    mean_per_class = "mean_per_class"  # ELEVATER's headline for some sets
 
 
 @dataclass
@@ -16,9 +139,9 @@ class TeacherConfig:
     arch: str = "ViT-L-14"
     # Pretrained tag (openai, laion2b_s32b_b82k, ...) or a local weights file (.safetensors/.pt/.bin).
     pretrained: Optional[str] = "openai"
-    precision: str = "auto"  # auto = fp16 on GPU, bf16 on CPU | bf16 | fp16 | fp32
-    shard: str = "replicate"  # replicate: a copy per rank | zero3: parameters partitioned over ranks
-    source: str = "live"  # live: run the teacher | cache: read embeddings written by the embed stage
+    precision: PrecisionName = PrecisionName.auto  # auto = fp16 on GPU, bf16 on CPU
+    shard: TeacherShard = TeacherShard.replicate
+    source: TeacherSource = TeacherSource.live
     cache_dir: Optional[str] = None  # embed-stage output directory, for source=cache
 
 
@@ -26,34 +149,11 @@ class TeacherConfig:
 class StudentConfig:
     arch: str = "ViT-B-32"  # OpenCLIP architecture name; ignored when model_cfg is given
     model_cfg: Optional[Dict[str, Any]] = None  # inline OpenCLIP model config (embed_dim, vision_cfg, text_cfg)
-    text: str = "teacher"  # teacher: the teacher's frozen text tower | own: a student text tower, distilled
-
-
-@dataclass
-class SyntheticConfig:
-    """The synthetic world written by `python -m dime_ds.demo.synthetic` (demo and tests)."""
-
-    seed: int = 0
-    image_size: int = 64
-    n_images: int = 4000  # unpaired images (distillation)
-    n_texts: int = 12000  # text corpus: describing sentences plus distractors
-    describing_fraction: float = 0.25  # share of the corpus that describes some unpaired image
-    n_paired: int = 8000  # image-caption pairs (demo teacher, from-scratch baseline)
-    n_eval: int = 600  # images per labelled evaluation set
-    shard_size: int = 1000  # samples per tar shard
-    second_object_p: float = 0.3
-    # Head-heavy corpus (MetaCLIP demo): describing sentences pick their image with replacement so that
-    # shape k (SHAPES order) is described with weight (k + 1) ** -head_skew; 0: one sentence per
-    # distinct image, uniform (the default world).
-    head_skew: float = 0.0
-    # Near-duplicates (CLIP-CID demo): this share of unpaired images re-renders another image's scene
-    # with fresh noise and jitter; world.json lists them.
-    duplicate_fraction: float = 0.0
+    text: StudentText = StudentText.teacher
 
 
 @dataclass
 class DataConfig:
-    root: str = "${work_dir}/synthetic"  # where the synthetic world lives (demo/tests)
     images: str = MISSING  # unpaired image shards: directory, glob or brace pattern
     texts: str = MISSING  # unpaired sentence shards distillation reads (the grounded corpus)
     corpus: Optional[str] = None  # the raw sentence corpus the embed/match stages ground; null: data.texts
@@ -61,51 +161,50 @@ class DataConfig:
     workers: Any = "auto"  # loader processes per rank: auto (from the rank's cores: data/workers.py) or a count
     shuffle_buffer: int = 1000
     augment: bool = True  # random resized crop + horizontal flip, as in the paper
-    crop_scale_min: float = 0.5
+    crop_scale_min: float = fraction(0.5)
     # a keep list (one image key a line) or the semantic_balance stage's out dir (its keep.txt): the
     # training image stream skips, and counts, the images not in it (no shard is rewritten)
     keep: Optional[str] = None
-    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
 
 
 @dataclass
 class LossConfig:
-    kind: str = "dime"  # dime: DIME-FM on unpaired data | clip: contrastive on pairs
-    w_vl: float = 0.7
-    w_pvl: float = 0.3
-    w_ud: float = 0.0
-    t_vl: float = 1.0
-    t_pvl: float = 3.0
-    t_ud: float = 7.0
-    scale: float = 100.0  # fixed logit scale of the cosine similarities
+    objective: Objective = Objective.dime  # the training objective this loss section configures
+    w_vl: float = non_negative(0.7)
+    w_pvl: float = non_negative(0.3)
+    w_ud: float = non_negative(0.0)
+    t_vl: float = positive(1.0)
+    t_pvl: float = positive(3.0)
+    t_ud: float = positive(7.0)
+    scale: float = positive(100.0)  # fixed logit scale of the cosine similarities
     # CLIP-CID terms beside DIME-FM's (objective dime only): total += w_cluster * cluster + w_instance *
     # instance. 0 leaves a run exactly DIME-FM. Scale, margin and temperature are the UNICOM/MLCD line's;
     # CLIP-CID's own values are not public (docs/design.md).
-    w_cluster: float = 0.0  # cluster discrimination over the k-means centres of `cluster.out_dir`
-    w_instance: float = 0.0  # instance discrimination: student images against the teacher's, InfoNCE
-    cluster_scale: float = 32.0
-    cluster_margin: float = 0.3  # additive angular margin on the pseudo-class, radians
-    instance_temperature: float = 0.07
+    w_cluster: float = non_negative(0.0)  # cluster discrimination over the k-means centres of `cluster.out_dir`
+    w_instance: float = non_negative(0.0)  # instance discrimination: student images against the teacher's, InfoNCE
+    cluster_scale: float = positive(32.0)
+    cluster_margin: float = non_negative(0.3)  # additive angular margin on the pseudo-class, radians
+    instance_temperature: float = positive(0.07)
     # Share of the negative centres scored per step (all positives of the global batch always are):
     # 1 is the exact softmax; partial FC's 0.1 pays off only at 10^5-10^6 centres.
-    cluster_sample_rate: float = 1.0
+    cluster_sample_rate: float = field(default=1.0, metadata={CHECK: "positive_fraction"})
     learn_centres: bool = False  # train the centres (initialised from the teacher's centroids)
 
 
 @dataclass
 class OptimConfig:
-    name: str = "adamw"
-    lr: float = 8e-4
-    weight_decay: float = 0.05
+    name: OptimizerName = OptimizerName.adamw
+    lr: float = positive(8e-4)
+    weight_decay: float = non_negative(0.05)
     betas: List[float] = field(default_factory=lambda: [0.9, 0.98])
-    eps: float = 1e-6
-    schedule: str = "cosine"  # cosine | constant (both after linear warmup)
-    warmup_steps: int = 1000
-    min_lr: float = 0.0
-    steps: int = 10000  # optimizer steps of the whole run
-    global_batch_size: int = 4096  # images (and sentences) per optimizer step, all ranks together
-    grad_accum: int = 1
-    grad_clip: float = 1.0
+    eps: float = positive(1e-6)
+    schedule: Schedule = Schedule.cosine  # both after linear warmup
+    warmup_steps: int = non_negative(1000)
+    min_lr: float = non_negative(0.0)
+    steps: int = positive(10000)  # optimizer steps of the whole run
+    global_batch_size: int = positive(4096)  # images (and sentences) per optimizer step, all ranks together
+    grad_accum: int = positive(1)
+    grad_clip: float = non_negative(1.0)
     # torch's fused AdamW kernel (CPU and CUDA): one pass over the fp32 masters per step instead of
     # one per arithmetic op; a ViT-S-32's engine step 555 -> 217 ms on a CPU (bench/profile_step.py)
     fused: bool = True
@@ -113,7 +212,7 @@ class OptimConfig:
 
 @dataclass
 class DistConfig:
-    backend: str = "auto"  # auto: nccl on GPUs, gloo on CPU | nccl | gloo
+    backend: Backend = Backend.auto
     # auto (zero0 on one rank, zero1 on more: engine/ds_config.py) | a name in ds_configs/ | a path to a
     # DeepSpeed JSON (engine knobs only)
     ds_config: str = "auto"
@@ -126,7 +225,7 @@ class DistConfig:
 @dataclass
 class LogConfig:
     tensorboard: bool = True
-    every_n_steps: int = 10
+    every_n_steps: int = positive(10)
     progress: bool = True  # console progress bars with ETA (rank 0)
     # One device's peak TFLOP/s in the training precision (dense, e.g. 989 for an H100 SXM in bf16):
     # perf/mfu = perf/model_tflops_per_device / this; null: the achieved TFLOP/s alone
@@ -136,24 +235,27 @@ class LogConfig:
 @dataclass
 class CkptConfig:
     dir: str = "${run_dir}/checkpoints"
-    every_n_steps: int = 1000
+    every_n_steps: int = non_negative(1000)
     resume: Optional[str] = None  # latest | a checkpoint tag | null
-    keep_last: int = 3
+    keep_last: int = positive(3)
 
 
 @dataclass
 class MatchConfig:
-    stop_ratio: float = 0.95  # stop when a round keeps more than this share of remaining images
-    topk: int = 16  # candidate list length per image, reused across rounds
-    block_size: int = 1_000_000  # text embeddings searched per block
-    index: str = "flat"  # flat: exact | ivf: approximate, for corpora that do not fit
+    stop_ratio: float = fraction(0.95)  # stop when a round keeps more than this share of remaining images
+    topk: int = positive(16)  # candidate list length per image, reused across rounds
+    block_size: int = positive(1_000_000)  # text embeddings searched per block
+    index: MatchIndex = MatchIndex.flat
     nlist: int = 4096
     nprobe: int = 32
     text_map: Optional[str] = None  # optional linear map (.npy, d x d) applied to text embeddings
+    # the sentence pool the embed and match stages ground: raw = data.corpus (else data.texts) |
+    # curated = the curation stage's <curate.out_dir>/corpus (pipeline curate -> embed -> match -> distill)
+    pool: TextPool = TextPool.raw
     embed_dir: str = "${work_dir}/embeddings"
     out_dir: str = "${work_dir}/grounded"
-    batch_size: int = 256
-    stage: str = "match"  # python -m dime_ds.match stage=embed | match | all (embed, then match)
+    batch_size: int = positive(256)
+    stage: MatchStage = MatchStage.match  # what `python -m dime_ds.match` runs
     shard_size: int = 10000  # grounded-corpus samples per output tar shard
 
 
@@ -163,11 +265,11 @@ class EmbedConfig:
     K views per image with their crop/flip parameters; distillation re-applies the chosen view's
     parameters for the student. The crop scale is data.crop_scale_min, as in training."""
 
-    views: int = 1  # K views per image; 1: the plain centre view only (the cache format before views)
-    seed: int = 0  # view parameters are drawn from (seed, image key, view index) alone
+    views: int = positive(1)  # K views per image; 1: the plain centre view only (the cache format before views)
+    seed: int = non_negative(0)  # view parameters are drawn from (seed, image key, view index) alone
     # which view an image shows in an epoch (data.augment=true): random from (run seed, key, epoch)
     # | round_robin: every view once per K epochs
-    choice: str = "random"
+    choice: ViewChoice = ViewChoice.random
 
 
 @dataclass
@@ -176,20 +278,18 @@ class CurateConfig:
     and grounded: `python -m dime_ds.curate stage=metaclip`. Exactly one of t, target_size,
     tail_share sets the balancing threshold."""
 
-    stage: str = "metaclip"  # python -m dime_ds.curate stage=metaclip | semantic_balance | cluster
+    stage: CurateStage = CurateStage.metaclip  # what `python -m dime_ds.curate` runs
     # what MetaCLIP balances: pool = the raw sentence pool, before embed and match (pipeline curate ->
     # embed -> match -> distill) | grounded = Algorithm 1's grounded corpus <match.out_dir>/corpus, after
     # match (embed -> match -> curate -> distill; train on it with data.texts=<out_dir>/corpus)
-    input: str = "pool"
-    # true (input=pool): the embed and match stages ground the curated pool <out_dir>/corpus instead of data.corpus
-    enabled: bool = False
+    input: CurateInput = CurateInput.pool
     metadata: Optional[str] = None  # entry list: MetaCLIP's metadata.json (a JSON list) or one entry a line
     t: Optional[float] = None  # head/tail threshold: entries matched more often are capped near t texts
     target_size: Optional[int] = None  # or: the t whose expected curated size is this many sentences
     tail_share: Optional[float] = None  # or: the t whose tail share p(t) is this (MetaCLIP's carry-over)
     seed: int = 0  # the keep draw of a sentence hashes (seed, its key)
     out_dir: str = "${work_dir}/curated"
-    top_entries: int = 30  # largest entries listed in the report
+    top_entries: int = positive(30)  # largest entries listed in the report
 
 
 @dataclass
@@ -198,14 +298,14 @@ class BalanceConfig:
     whose teacher embeddings lie within cosine distance beta are joined (union-find); each group
     keeps the image nearest its centroid. The paper's own beta is not public to us."""
 
-    beta: float = 0.1  # join i and j when 1 - cos(v_i, v_j) < beta (DanQing's value)
-    k: int = 64  # neighbours a query asks faiss for first; doubled for a query whose k-th is still within beta
-    max_k: int = 2048  # largest kNN k (faiss's GPU cap); a query past it is finished by a CPU range search
-    buckets: int = 0  # >0: spherical k-means buckets, pairs searched within a bucket only (SemDeDup; approximate)
-    block_size: int = 65536  # query rows searched at once, and rows of the base index held at once
+    beta: float = positive(0.1)  # join i and j when 1 - cos(v_i, v_j) < beta (DanQing's value)
+    k: int = positive(64)  # neighbours a query asks faiss for first; doubled for a query whose k-th is still within beta
+    max_k: int = positive(2048)  # largest kNN k (faiss's GPU cap); a query past it is finished by a CPU range search
+    buckets: int = non_negative(0)  # >0: spherical k-means buckets, pairs searched within a bucket only (SemDeDup; approximate)
+    block_size: int = positive(65536)  # query rows searched at once, and rows of the base index held at once
     seed: int = 0  # bucket k-means
     out_dir: str = "${match.embed_dir}/balanced"  # keep.txt, report.md/json, component_sizes.png, removed_groups.png
-    groups_shown: int = 6  # removed groups drawn on the report's contact sheet
+    groups_shown: int = non_negative(6)  # removed groups drawn on the report's contact sheet
 
 
 @dataclass
@@ -213,8 +313,8 @@ class ClusterConfig:
     """CLIP-CID pseudo-classes: spherical k-means of the teacher's image embeddings
     (`python -m dime_ds.curate stage=cluster`), read by the cluster-discrimination loss."""
 
-    k: int = 1000  # number of pseudo-classes (CLIP-CID's line uses up to 10^6; the paper's value is not public)
-    niter: int = 20  # k-means iterations
+    k: int = positive(1000)  # number of pseudo-classes (CLIP-CID's line uses up to 10^6; the paper's value is not public)
+    niter: int = positive(20)  # k-means iterations
     seed: int = 0
     out_dir: str = "${match.embed_dir}/clusters"  # centroids.npy, labels.npz, manifest.json
 
@@ -225,8 +325,8 @@ class EvalDatasetConfig:
     # ImageFolder tree (one subdirectory per class); split subdirectories (test/, train/) are used
     # when present.
     path: str = MISSING
-    task: str = "zeroshot"  # zeroshot | retrieval | linear_probe
-    metric: str = "top1"  # classification headline: top1 | mean_per_class (ELEVATER's for some sets)
+    task: EvalTask = EvalTask.zeroshot
+    metric: EvalMetric = EvalMetric.top1  # classification headline
     split: str = "test"  # subdirectory evaluated when it exists, else the directory itself
     train_split: str = "train"  # linear probe: subdirectory the classifier is fit on
     # Built-in set (imagenet) or a file, one name per line; default: classnames.txt beside the data,
@@ -242,21 +342,22 @@ class LinearProbeConfig:
     """Logistic regression on frozen, L2-normalised image features (CLIP / ELEVATER protocol)."""
 
     reg: List[float] = field(default_factory=lambda: [1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0])  # L2 strengths swept
-    val_fraction: float = 0.2  # share of the train split held out to choose the L2 strength
-    test_fraction: float = 0.5  # a dataset with no train split is split in two, this share tested
-    max_iter: int = 500  # L-BFGS iterations per fit
+    val_fraction: float = fraction(0.2)  # share of the train split held out to choose the L2 strength
+    test_fraction: float = fraction(0.5)  # a dataset with no train split is split in two, this share tested
+    max_iter: int = positive(500)  # L-BFGS iterations per fit
 
 
 @dataclass
 class EvalConfig:
-    suite: str = "synthetic"
+    suite: str = "none"  # the suite's name (each configs/eval/*.yaml sets its own)
     root: str = "${work_dir}/eval_data"  # where suite configs look for their datasets
     datasets: Dict[str, EvalDatasetConfig] = field(default_factory=dict)
-    every_n_steps: int = 0  # periodic eval during distillation; 0 = off
-    periodic_tasks: List[str] = field(default_factory=lambda: ["zeroshot", "retrieval"])  # tasks run during training
-    batch_size: int = 256
-    workers: int = 2  # image decoding processes per rank
-    precision: str = "auto"  # auto: fp16 on GPU, fp32 on CPU | bf16 | fp16 | fp32
+    every_n_steps: int = non_negative(0)  # periodic eval during distillation; 0 = off
+    periodic_tasks: List[EvalTask] = field(  # tasks run during training
+        default_factory=lambda: [EvalTask.zeroshot, EvalTask.retrieval])
+    batch_size: int = positive(256)
+    workers: int = non_negative(2)  # image decoding processes per rank
+    precision: PrecisionName = PrecisionName.auto  # auto: fp16 on GPU, fp32 on CPU
     probe: LinearProbeConfig = field(default_factory=LinearProbeConfig)
     # `python -m dime_ds.eval model=... [teacher=...]`: a dime_ds run or checkpoint directory, an
     # exported OpenCLIP directory, local-dir:/hf-hub:, or an OpenCLIP architecture with eval.pretrained.
@@ -270,8 +371,13 @@ class EvalConfig:
 
 @dataclass
 class SlurmConfig:
-    nodes: int = 1
-    gpus_per_node: int = 8
+    """What a cluster job asks SLURM for (`python -m dime_ds.launch`; its flags override these). Generic
+    defaults here; an experiment sets its own job (vitb32_from_vitl14: the paper's 8 nodes x 8 GPUs),
+    which slurm/*.sh's #SBATCH lines must equal. The warning signal, the requeue and the stopped exit
+    status are not knobs: dime_ds/jobs.py holds them."""
+
+    nodes: int = positive(1)
+    gpus_per_node: int = non_negative(8)
     cpus_per_task: int = 10
     mem_gb: int = 0  # 0 = all memory of the node
     time_min: int = 4320
@@ -282,27 +388,13 @@ class SlurmConfig:
     job_dir: str = "${work_dir}/jobs"
 
 
-DEMO_COMPARISONS = ("curation", "balance", "cid", "views")
-
-
-@dataclass
-class DemoConfig:
-    """What `make demo` (`python -m dime_ds.demo`) trains and compares beside its DIME-FM student and
-    the from-scratch yardstick; dime_ds/demo/comparisons.py holds each comparison."""
-
-    # curation: the MetaCLIP-curated sentence pool | balance: CLIP-CID's semantic balance of the
-    # images | cid: CLIP-CID's cluster and instance terms on the balanced pool (implies balance) |
-    # views: the teacher cached as one plain view (no augmentation) and as 4 augmented views
-    compare: List[str] = field(default_factory=lambda: list(DEMO_COMPARISONS))
-
-
 @dataclass
 class RootConfig:
     name: str = "dime_ds"
-    work_dir: str = "work"  # synthetic world, embeddings, runs; relative paths are made absolute
+    work_dir: str = "work"  # embeddings, grounded corpus, runs (and the demo's world); relative paths are made absolute
     run_dir: str = "${work_dir}/runs/${name}"
     seed: int = 0
-    device: str = "auto"  # auto: cuda when available, else cpu | cpu | cuda
+    device: Device = Device.auto
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     student: StudentConfig = field(default_factory=StudentConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -318,11 +410,6 @@ class RootConfig:
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     slurm: SlurmConfig = field(default_factory=SlurmConfig)
-    demo: DemoConfig = field(default_factory=DemoConfig)
 
 
-SCHEMA_NAME = "dime_ds_schema"
-
-
-def register() -> None:
-    ConfigStore.instance().store(name=SCHEMA_NAME, node=RootConfig)
+SCHEMA_GROUP = "schema"  # configs/config.yaml picks `library`; the demo's configs pick `demo` (config/demo_schema.py)

@@ -18,7 +18,7 @@ from hydra.core.config_store import ConfigStore
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf, open_dict
-from omegaconf.errors import OmegaConfBaseException
+from omegaconf.errors import OmegaConfBaseException, ValidationError
 
 from dime_ds.config.schema import EvalConfig, EvalDatasetConfig
 from dime_ds.config.validate import ConfigError
@@ -101,8 +101,13 @@ def add_user_datasets(cfg: DictConfig, added: dict) -> None:
             raise ConfigError(f"invalid configuration: evaluation dataset {name} is not in suite "
                               f"{cfg.eval.suite}: add its data with +eval.datasets.{name}.path=DIR")
         base = datasets[name] if name in datasets else OmegaConf.structured(EvalDatasetConfig)
+        try:
+            merged = OmegaConf.merge(base, fields)
+        except ValidationError as err:  # its key is relative to the dataset: name the whole path
+            key, value = err.key, fields.get(err.key) if err.key else None
+            raise ConfigError(f"invalid configuration: eval.datasets.{name}.{key}={value!r}: {err.msg}") from None
         with open_dict(datasets):
-            datasets[name] = OmegaConf.merge(base, fields)
+            datasets[name] = merged
 
 
 def check_user_datasets(cfg: DictConfig, added: dict) -> None:

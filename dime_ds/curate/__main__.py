@@ -5,7 +5,7 @@
     python -m dime_ds.curate stage=metaclip curate.metadata=entries.txt curate.target_size=30000000 ...
 
 Reads data.corpus (else data.texts), writes the curated pool into curate.out_dir/corpus with
-report.md/json; `curate.enabled=true` makes the embed and match stages ground it.
+report.md/json; `match.pool=curated` makes the embed and match stages ground it.
 
     python -m dime_ds.curate stage=semantic_balance match.embed_dir=/data/emb balance.beta=0.1
     python -m dime_ds.curate stage=cluster match.embed_dir=/data/emb data.keep=/data/emb/balanced cluster.k=100000

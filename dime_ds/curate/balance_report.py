@@ -4,13 +4,12 @@ image first, then the removed ones, read from the data.images shards by key (lef
 when data.images is not set or lacks them)."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 from omegaconf import OmegaConf
 
-from dime_ds.ground.report import write_text
+from dime_ds import atomic
 
 REPORT_VERSION = 1
 SHEET_COLUMNS = 8  # images a group row shows: the kept one and up to 7 removed
@@ -145,5 +144,5 @@ def write_report(out: Path, report: dict, cfg, cache, labels: np.ndarray, kept: 
     sizes_png(labels, out / "component_sizes.png")
     note = contact_sheet(cfg, cache, labels, kept, out / "removed_groups.png")
     report["contact_sheet"] = note
-    write_text(out / "report.json", json.dumps(report, indent=1) + "\n")
-    write_text(out / "report.md", _markdown(report, note))
+    atomic.write_json(out / "report.json", report)
+    atomic.write_text(out / "report.md", _markdown(report, note))

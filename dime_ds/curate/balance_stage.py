@@ -29,7 +29,7 @@ from dime_ds.data.embeddings import EmbeddingCache, EmbeddingCacheError
 from dime_ds.data.keep import KEEP_FILE, write_keep_list
 from dime_ds.distributed import collectives as C
 from dime_ds.distributed.stage import StageContext, agreed, gather_to_main, on_main, stage
-from dime_ds.ground.search import Rows, gpu_count
+from dime_ds.knn.search import Rows, gpu_count
 
 if TYPE_CHECKING:
     from dime_ds.config.schema import BalanceConfig, RootConfig

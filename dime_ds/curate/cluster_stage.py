@@ -20,11 +20,11 @@ import numpy as np
 from tqdm import tqdm
 
 from dime_ds.curate.balance_stage import open_image_cache, use_gpus
-from dime_ds.curate.pseudo_labels import write_pseudo_labels
+from dime_ds.data.pseudo_labels import write_pseudo_labels
 from dime_ds.curate.semantic import spherical_kmeans
 from dime_ds.distributed.stage import on_main, stage
 from dime_ds.errors import UserError
-from dime_ds.ground.search import Rows, flat_index
+from dime_ds.knn.search import Rows, flat_index
 
 if TYPE_CHECKING:
     from dime_ds.config.schema import RootConfig

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
+from dime_ds import atomic
 from dime_ds.curate.metaclip import Matcher, to_csr
-from dime_ds.data.embeddings import atomic_write
 from dime_ds.data.pipelines import SAMPLE_META, SampleError, decode_sample, iter_tar_samples
 from dime_ds.data.shards import sha256_file
 
@@ -89,13 +89,13 @@ def match_shard(matcher: Matcher, directory: str | Path, index: int, source: str
             keys.append(sample["key"])
             matched.append(found)
     offsets, entries = to_csr(matched)
-    atomic_write(keys_path, lambda f: f.write("".join(k + "\n" for k in keys).encode("utf-8")))
+    atomic.write_text(keys_path, "".join(k + "\n" for k in keys))
     buffer = io.BytesIO()
     np.savez(buffer, offsets=offsets, entries=entries)
-    atomic_write(npz_path, lambda f: f.write(buffer.getvalue()))
+    atomic.write_bytes(npz_path, buffer.getvalue())
     record = {"source": str(source), "source_sha256": checksum, "metadata_sha256": metadata_sha256,
               "sentences": sentences, "matched": len(keys), "skipped": skipped}
-    atomic_write(record_path, lambda f: f.write((json.dumps(record, indent=1) + "\n").encode("utf-8")))
+    atomic.write_json(record_path, record)
     return ShardMatches(index, str(source), keys, offsets, entries, record), True
 
 

@@ -3,14 +3,13 @@ matched and kept, the threshold t and its tail share p(t), head and tail entries
 before and after balancing, the largest entries, and the entry-count distribution before and after."""
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
 import numpy as np
 
+from dime_ds import atomic
 from dime_ds.curate.metaclip import t_to_p
-from dime_ds.ground.report import write_text
 
 REPORT_VERSION = 1
 
@@ -93,5 +92,5 @@ def write_report(out_dir: str | os.PathLike, report: dict) -> None:
     counts = np.load(out_dir / "entry_counts.npy", allow_pickle=False)
     kept = np.load(out_dir / "entry_counts_kept.npy", allow_pickle=False)
     counts_png(counts, kept, report["t"], out_dir / "entry_counts.png")
-    write_text(out_dir / "report.json", json.dumps(report, indent=1) + "\n")
-    write_text(out_dir / "report.md", _markdown(report))
+    atomic.write_json(out_dir / "report.json", report)
+    atomic.write_text(out_dir / "report.md", _markdown(report))

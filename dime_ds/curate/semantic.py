@@ -43,7 +43,7 @@ from typing import Iterable, Iterator
 import numpy as np
 from tqdm import tqdm
 
-from dime_ds.ground.search import GPU_MAX_K, Rows, _to_gpus, flat_index
+from dime_ds.knn.search import GPU_MAX_K, Rows, to_gpus, flat_index
 
 CANDIDATE_SLACK = 1e-4  # faiss's float32 inner products err by far less; candidates are re-decided in float64
 Pairs = tuple[np.ndarray, np.ndarray]  # (nodes, the smallest node of their group), int64
@@ -170,7 +170,7 @@ class _BaseIndex:
 
         self.cpu = faiss.IndexFlatIP(base.shape[1])
         self.cpu.add(np.ascontiguousarray(base, np.float32))
-        self.gpu = _to_gpus(self.cpu, ngpu) if ngpu else None
+        self.gpu = to_gpus(self.cpu, ngpu) if ngpu else None
         self.n = len(base)
 
     def knn(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:

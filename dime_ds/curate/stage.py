@@ -1,11 +1,11 @@
 """The curation stage: `run_curate_stage(cfg)` (`python -m dime_ds.curate stage=metaclip`) curates
-the raw sentence pool, or with curate.input=grounded the grounded corpus (curate/pool.py), with
+the raw sentence pool, or with curate.input=grounded the grounded corpus (data/text_pool.py), with
 MetaCLIP's matching and balancing (metaclip.py) on every rank of the job, into `curate.out_dir`:
 
 - `matches/`        per input shard, its matched sentences (matches.py; reused by a rerun or resume);
 - `corpus/`         the curated pool: input shard i's kept sentences, every field as in the pool,
                     under the pool's keys, in `curated-{i:06d}-000000.tar` (no file when none is
-                    kept); with curate.enabled the embed and match stages read it;
+                    kept); with match.pool=curated the embed and match stages read it;
 - `entry_counts.npy`, `entry_counts_kept.npy`  int64 per metadata entry, before and after;
 - `report.json`, `report.md`, `entry_counts.png`  (report.py); `curate.json` last: the run is complete.
 
@@ -18,9 +18,7 @@ curated corpus is the same for every world size, rerun and resume (tested)."""
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
-import os
 import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -29,11 +27,11 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from dime_ds import atomic
 from dime_ds.curate import metaclip
 from dime_ds.curate.matches import ShardMatches, concat, match_shard
 from dime_ds.curate.metadata import Metadata, load_metadata
-from dime_ds.curate.pool import DONE, curation_input
-from dime_ds.data.embeddings import atomic_write
+from dime_ds.data.text_pool import DONE, curation_input
 from dime_ds.data.pipelines import iter_tar_samples
 from dime_ds.data.shards import ShardWriter, list_shards
 from dime_ds.distributed import collectives as C
@@ -134,10 +132,9 @@ def _finish(cfg: RootConfig, meta: Metadata, source: str, urls: list[str], gathe
     from dime_ds.curate.report import build_report, write_report
 
     out = Path(cfg.curate.out_dir)
-    shutil.rmtree(out / "corpus", ignore_errors=True)
-    os.replace(out / "corpus.tmp", out / "corpus")
+    atomic.replace_dir(out / "corpus.tmp", out / "corpus")
     for name, array in (("entry_counts.npy", counts), ("entry_counts_kept.npy", kept_counts)):
-        atomic_write(out / name, lambda f, a=array: np.save(f, a, allow_pickle=False))
+        atomic.write_bytes(out / name, lambda f, a=array: np.save(f, a, allow_pickle=False))
     shards = sorted((r for rank in gathered for r in rank), key=lambda r: r["index"])
     report = build_report(cfg.curate, meta, source, shards, counts, kept_counts, t, how, expected,
                           matched_now=computed)
@@ -146,7 +143,7 @@ def _finish(cfg: RootConfig, meta: Metadata, source: str, urls: list[str], gathe
             "metadata": meta.path, "metadata_sha256": meta.sha256, "t": t, "seed": int(cfg.curate.seed),
             "corpus": str(out / "corpus"), "shards": [{k: r[k] for k in ("index", "source", "shard", "kept")}
                                                        for r in shards]}
-    atomic_write(out / DONE, lambda f: f.write((json.dumps(done, indent=1) + "\n").encode("utf-8")))
+    atomic.write_json(out / DONE, done)
     return report
 
 

@@ -25,6 +25,7 @@ from typing import Any, Iterable, Iterator, Mapping, Sequence
 import numpy as np
 import torch
 
+from dime_ds import atomic
 from dime_ds.data.key_index import KeyIndex, RepeatedKeyError
 from dime_ds.errors import UserError
 
@@ -40,20 +41,6 @@ _VIEW_FIELDS = ("views", "recipe", "view_seed")  # format 2
 
 class EmbeddingCacheError(UserError, ValueError):
     """A cache directory that is incomplete, or whose files do not match its manifest."""
-
-
-def atomic_write(path: Path, write) -> None:
-    """`write(binary_file)` into a temporary name, fsync, rename: readers never see a partial file."""
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def _check_name(name: str) -> str:
@@ -96,9 +83,9 @@ def write_embedding_shard(directory: str | os.PathLike, name: str, keys: Sequenc
     directory.mkdir(parents=True, exist_ok=True)
     if view_params is not None:
         params = np.ascontiguousarray(view_params.astype(VIEW_DTYPE))
-        atomic_write(directory / f"{name}.views.npy", lambda f: np.save(f, params, allow_pickle=False))
-    atomic_write(directory / f"{name}.npy", lambda f: np.save(f, np.ascontiguousarray(half), allow_pickle=False))
-    atomic_write(directory / f"{name}.keys.txt", lambda f: f.write("".join(k + "\n" for k in keys).encode("utf-8")))
+        atomic.write_bytes(directory / f"{name}.views.npy", lambda f: np.save(f, params, allow_pickle=False))
+    atomic.write_bytes(directory / f"{name}.npy", lambda f: np.save(f, np.ascontiguousarray(half), allow_pickle=False))
+    atomic.write_text(directory / f"{name}.keys.txt", "".join(k + "\n" for k in keys))
     return {"name": name, "source": str(source), "source_sha256": source_sha256, "count": len(keys)}
 
 
@@ -180,7 +167,7 @@ def write_manifest(directory: str | os.PathLike, *, modality: str, model: str, s
                    for r in shards],
         "skipped": [{"key": s["key"], "source": s["source"], "reason": s["reason"]} for s in skipped],
     }
-    atomic_write(directory / MANIFEST, lambda f: f.write((json.dumps(manifest, indent=1) + "\n").encode("utf-8")))
+    atomic.write_json(directory / MANIFEST, manifest)
     return manifest
 
 

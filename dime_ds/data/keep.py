@@ -13,7 +13,7 @@ from typing import Iterable
 
 import numpy as np
 
-from dime_ds.data.embeddings import atomic_write
+from dime_ds import atomic
 from dime_ds.data.key_index import KeyIndex
 from dime_ds.errors import UserError
 
@@ -38,7 +38,7 @@ def keep_file(spec: str | os.PathLike) -> Path:
 def write_keep_list(path: str | os.PathLike, keys: Iterable[str]) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(path, lambda f: f.write("".join(f"{k}\n" for k in keys).encode("utf-8")))
+    atomic.write_text(path, "".join(f"{k}\n" for k in keys))
     return path
 
 

@@ -12,6 +12,7 @@ from typing import Mapping
 
 from braceexpand import braceexpand
 
+from dime_ds import atomic
 from dime_ds.errors import UserError
 
 _REMOTE_PREFIXES = ("pipe:", "http://", "https://", "s3://", "gs://")
@@ -26,8 +27,8 @@ class ShardWriter:
 
     Each sample `key` becomes members `{key}.{ext}` (the img2dataset layout: jpg, txt, json, cls).
     Headers carry no time, owner or permission that varies between runs, so identical input gives
-    byte-identical shards. A shard is written under a `.tmp` name and renamed when complete: a crash
-    never leaves a truncated shard under a final name.
+    byte-identical shards. A shard is written under a `.tmp` name, fsynced and renamed when complete
+    (atomic.PendingFile): a crash never leaves a truncated shard under a final name.
     """
 
     def __init__(self, directory: str | os.PathLike, prefix: str = "shard", maxcount: int = 1000):
@@ -40,7 +41,7 @@ class ShardWriter:
         self.paths: list[str] = []  # completed shards, in order
         self.counts: list[int] = []  # samples per completed shard
         self._tar: tarfile.TarFile | None = None
-        self._tmp: Path | None = None
+        self._pending: atomic.PendingFile | None = None
         self._count = 0
         self._last_key: str | None = None
         self._closed = False
@@ -75,7 +76,7 @@ class ShardWriter:
         """Drop the shard in progress (its .tmp file); completed shards stay."""
         if self._tar is not None:
             self._tar.close()
-            self._tmp.unlink(missing_ok=True)
+            self._pending.discard()
             self._tar = None
         self._closed = True
 
@@ -89,19 +90,16 @@ class ShardWriter:
             self.abort()
 
     def _open_next(self) -> None:
-        final = self.directory / f"{self.prefix}-{len(self.paths):06d}.tar"
-        self._tmp = final.with_name(final.name + ".tmp")
-        self._tar = tarfile.open(self._tmp, "w", format=tarfile.PAX_FORMAT)
+        self._pending = atomic.PendingFile(self.directory / f"{self.prefix}-{len(self.paths):06d}.tar")
+        self._tar = tarfile.open(self._pending.tmp, "w", format=tarfile.PAX_FORMAT)
         self._count = 0
 
     def _finish(self) -> None:
         self._tar.close()
-        final = self._tmp.with_name(self._tmp.name[: -len(".tmp")])
-        os.replace(self._tmp, final)
-        self.paths.append(str(final))
+        self.paths.append(str(self._pending.commit()))
         self.counts.append(self._count)
         self._tar = None
-        self._tmp = None
+        self._pending = None
 
 
 def _check_key(key: str) -> None:

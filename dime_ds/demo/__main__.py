@@ -112,7 +112,7 @@ BASELINE_COLUMN = "student from scratch (paired)"
 def main(overrides: Sequence[str]) -> int:
     # The stages import torch, DeepSpeed and faiss: after --help and a bad config have been answered.
     from dime_ds.demo.comparisons import RAW_COLUMN, ground, grounding_line, grounding_record, selected
-    from dime_ds.engine.run import run_training
+    from dime_ds.training import run_training
 
     start = time.time()
 

@@ -23,7 +23,7 @@ class Student:
 def ground(cfg: RootConfig) -> dict:
     """Embed (shards embedded earlier from unchanged sources are skipped) and ground cfg's pool."""
     from dime_ds.embed.stage import run_embed_stage
-    from dime_ds.ground.stage import run_match_stage
+    from dime_ds.match.stage import run_match_stage
 
     run_embed_stage(cfg)
     return run_match_stage(cfg)

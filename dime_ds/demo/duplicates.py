@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 from typing import Iterable
 
-from dime_ds.config.schema import SyntheticConfig
+from dime_ds.config.demo_schema import SyntheticConfig
 from dime_ds.demo.synthetic import config_values, duplicate_plan, image_key, image_scenes
 
 

@@ -49,7 +49,8 @@ import numpy as np
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
-from dime_ds.config.schema import SyntheticConfig
+from dime_ds import atomic
+from dime_ds.config.demo_schema import SyntheticConfig
 from dime_ds.data.shards import ShardWriter, sha256_file
 from dime_ds.errors import UserError
 
@@ -559,12 +560,6 @@ def _write_split(out: Path, name: str, c: dict, progress: bool | None) -> list[d
     ]
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def write_world(out_dir: str | os.PathLike, cfg: SyntheticConfig, force: bool = False, progress: bool | None = None) -> dict:
     """Write the world under `out_dir` and return its world.json content. A complete world with the
     same config is kept as is (unless `force`). progress: None = bars only on a terminal."""
@@ -579,10 +574,10 @@ def write_world(out_dir: str | os.PathLike, cfg: SyntheticConfig, force: bool = 
     kinds = {kind: sum(1 for k, _ in plan if k == kind) for kind in ("describing", "other_scene", "nonvisual")}
     shards = {name: _write_split(out, name, c, progress) for name in _SPLITS}
     for task, classnames in EVAL_CLASSNAMES.items():
-        _atomic_write_text(out / "eval" / task / "classnames.txt", "\n".join(classnames) + "\n")
-        _atomic_write_text(out / "eval" / task / "templates.txt", "\n".join(EVAL_TEMPLATES[task]) + "\n")
-    _atomic_write_text(out / METADATA, "\n".join(metadata_entries()) + "\n")
-    _atomic_write_text(out / METADATA_OBJECTS, "\n".join(metadata_entries(attributes=False)) + "\n")
+        atomic.write_text(out / "eval" / task / "classnames.txt", "\n".join(classnames) + "\n")
+        atomic.write_text(out / "eval" / task / "templates.txt", "\n".join(EVAL_TEMPLATES[task]) + "\n")
+    atomic.write_text(out / METADATA, "\n".join(metadata_entries()) + "\n")
+    atomic.write_text(out / METADATA_OBJECTS, "\n".join(metadata_entries(attributes=False)) + "\n")
 
     world = {
         "format_version": FORMAT_VERSION,
@@ -597,7 +592,7 @@ def write_world(out_dir: str | os.PathLike, cfg: SyntheticConfig, force: bool = 
         "metadata_objects": METADATA_OBJECTS,
         "shards": shards,
     }
-    _atomic_write_text(out / "world.json", json.dumps(world, indent=2, sort_keys=True) + "\n")
+    atomic.write_json(out / "world.json", world, indent=2, sort_keys=True)
     return world
 
 
@@ -619,7 +614,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from dime_ds.config import load_config  # late: keeps `import dime_ds.demo.synthetic` light
 
-    cfg = load_config(args.overrides)
+    cfg = load_config(["schema=demo", *args.overrides])  # the demo's schema holds data.synthetic
     out = Path(args.out or cfg.data.root)
     world = write_world(out, cfg.data.synthetic, force=args.force)
     for line in summary_lines(world, out.resolve()):

@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 
 from dime_ds.config.schema import RootConfig
 from dime_ds.data.shards import list_shards, sha256_file
-from dime_ds.engine.run import run_training
+from dime_ds.training import run_training
 from dime_ds.models import build_student, read_openclip_dir, save_openclip_dir, student_preprocess_cfg
 
 log = logging.getLogger(__name__)

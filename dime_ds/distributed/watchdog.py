@@ -30,10 +30,11 @@ import torch.distributed as dist
 
 from dime_ds.distributed import collectives as C
 from dime_ds.errors import UserError
+from dime_ds.jobs import STOPPED, requeue_sbatch_job, sbatch_job_id
 
 log = logging.getLogger(__name__)
 
-EXIT_RANK_LOST = 3  # as a run stopped by a signal after its checkpoint: requeued, resumed from latest
+EXIT_RANK_LOST = STOPPED  # as a run stopped by a signal after its checkpoint: requeued, resumed from latest
 _PREFIX = "dime_ds/heartbeat/"
 
 
@@ -97,6 +98,8 @@ class Watchdog:
             with contextlib.suppress(Exception):
                 handler.flush()
         print(f"dime_ds: {message}", file=sys.stderr, flush=True)
+        if job_id := sbatch_job_id():  # rank 0 may be the one lost: every survivor asks, the first requeues
+            requeue_sbatch_job(job_id)
         os._exit(EXIT_RANK_LOST)
 
     def wait_for_verdict(self) -> None:

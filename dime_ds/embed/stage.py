@@ -19,13 +19,14 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from dime_ds.data.embeddings import MANIFEST, atomic_write, write_embedding_shard, write_manifest
+from dime_ds import atomic
+from dime_ds.data.embeddings import MANIFEST, write_embedding_shard, write_manifest
 from dime_ds.data.pipelines import DamagedShardError, SampleError, decode_sample, image_transform, iter_tar_samples
 from dime_ds.data.shards import sha256_file
 from dime_ds.data.views import ViewRecipe, apply_view
@@ -48,10 +49,6 @@ def shard_name(index: int) -> str:
 
 def _record_path(out_dir: Path, name: str) -> Path:
     return out_dir / f"{name}{RECORD_SUFFIX}"
-
-
-def _write_json_atomic(path: Path, obj: Any) -> None:
-    atomic_write(path, lambda f: f.write((json.dumps(obj, indent=1) + "\n").encode("utf-8")))
 
 
 def _files_ok(out_dir: Path, name: str, count: int) -> bool:
@@ -88,7 +85,7 @@ def finished_record(out_dir: str | Path, name: str, url: str, checksum: str, mod
     if shard.get("source") != str(url):  # the same bytes, moved: keep the embeddings, name the new place
         shard = dict(shard, source=str(url))
         record = dict(record, shard=shard, skipped=[dict(s, source=str(url)) for s in record.get("skipped", [])])
-        _write_json_atomic(_record_path(out_dir, name), record)
+        atomic.write_json(_record_path(out_dir, name), record)
     return record
 
 
@@ -152,7 +149,7 @@ def embed_shard(teacher: Teacher, url: str, out_dir: str | Path, name: str, moda
                     damaged["reason"], len(keys), modality)
     record = {"modality": modality, "model": str(model_name), "shard": shard, "skipped": skipped,
               "views": views_record(views)}
-    _write_json_atomic(_record_path(out_dir, name), record)  # last: the shard is finished
+    atomic.write_json(_record_path(out_dir, name), record)  # last: the shard is finished
     return record, True
 
 
@@ -253,14 +250,14 @@ def _embed_modality(ctx: StageContext, teacher: Teacher, model: str, spec: str, 
 
 def run_embed_stage(cfg: RootConfig) -> dict:
     """`python -m dime_ds.match stage=embed`: the configured teacher embeds data.images and data.corpus
-    (data.texts when null; with curate.enabled the curated pool <curate.out_dir>/corpus) into
+    (data.texts when null; with match.pool=curated the curated pool <curate.out_dir>/corpus) into
     `<match.embed_dir>/images` and `/texts` (embed.views=K > 1: K views per image, see
     dime_ds.data.views), on every rank of the job (a
     process group is made when the world has several ranks and none exists). Each rank embeds input
     shards i % world == rank; finished shards from unchanged sources are skipped; rank 0 writes each
     manifest once all ranks are done. A failure on any rank is raised on every rank. Returns
     {modality: manifest} on every rank."""
-    from dime_ds.curate.pool import text_pool
+    from dime_ds.data.text_pool import text_pool
     from dime_ds.models import load_teacher
 
     with stage(cfg.dist, cfg.device) as ctx:

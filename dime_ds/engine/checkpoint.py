@@ -6,8 +6,12 @@ A save that fails part-way (a full disk, ENOSPC; any OSError of a write) on any 
 save on every rank: DeepSpeed's own collectives still run to their end (a failed file write is
 recorded, not raised, inside it), then the incomplete tag is removed, `latest` is left naming the
 previous checkpoint, and every rank raises CheckpointWriteError. `latest` is written by rank 0 only
-once every rank's files are complete, atomically (a temporary file renamed), and keep_last prunes
-only after that, never the checkpoint `latest` names."""
+once every rank's files are complete, atomically and durably (dime_ds.atomic), and keep_last prunes
+only after that, never the checkpoint `latest` names.
+
+The layout (a checkpoint directory holding `latest` and tag directories of DeepSpeed's
+*model_states.pt and *optim_states.pt) is read by find_tag alone: resume and consolidation resolve a
+tag, and fail, the same way."""
 from __future__ import annotations
 
 import contextlib
@@ -24,6 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from dime_ds import atomic
 from dime_ds.distributed import collectives as C
 from dime_ds.errors import UserError
 
@@ -44,6 +49,53 @@ CHECKPOINT_GLOBALS = (
 
 
 LAYOUT_FILE = "engine_layout.json"  # beside DeepSpeed's files in a tag: how the engine held its state
+LATEST = "latest"  # DeepSpeed's file naming the newest complete tag of a checkpoint directory
+
+
+class CheckpointError(UserError, FileNotFoundError):
+    """A path that holds no usable dime_ds checkpoint; the message names it and what is missing."""
+
+
+def model_states(tag_dir: Path) -> list[Path]:
+    """DeepSpeed's `*model_states.pt` files of a tag directory: present in every complete tag."""
+    return sorted(tag_dir.glob("*model_states.pt"))
+
+
+def checkpoint_tags(ckpt_dir: Path) -> list[str]:
+    """The tag directories of `ckpt_dir` that hold DeepSpeed's model states, sorted."""
+    if not ckpt_dir.is_dir():
+        return []
+    return sorted(p.name for p in ckpt_dir.iterdir() if p.is_dir() and model_states(p))
+
+
+def read_latest(ckpt_dir: Path) -> str | None:
+    """The tag `latest` names, unchecked; None without a `latest` file."""
+    latest = ckpt_dir / LATEST
+    return latest.read_text().strip() if latest.is_file() else None
+
+
+def find_tag(ckpt_dir: str | Path, tag: str | None = None, *, missing_ok: bool = False) -> str | None:
+    """The checkpoint `tag` of `ckpt_dir`, or (None, LATEST) the one its `latest` file names, checked to
+    be a tag directory holding DeepSpeed's model states. No `latest` file: None when `missing_ok` (no
+    checkpoint saved yet), else CheckpointError; a tag that is not there: CheckpointError, naming the
+    directory, what is missing and the tags it holds."""
+    ckpt_dir = Path(ckpt_dir)
+    if tag in (None, LATEST):
+        tag = read_latest(ckpt_dir)
+        if tag is None:
+            if missing_ok:
+                return None
+            raise _missing(ckpt_dir, f"no DeepSpeed `{LATEST}` file (no complete checkpoint); choose a tag")
+        if not tag or not model_states(ckpt_dir / tag):
+            raise _missing(ckpt_dir, f"its `{LATEST}` file names {tag!r}, which is not a complete checkpoint "
+                                     f"(no {tag or '<tag>'}/*model_states.pt); choose a tag")
+    elif not model_states(ckpt_dir / tag):
+        raise _missing(ckpt_dir, f"no checkpoint {tag} (no {tag}/*model_states.pt)")
+    return tag
+
+
+def _missing(ckpt_dir: Path, what: str) -> CheckpointError:
+    return CheckpointError(f"{ckpt_dir}: {what}; tags in it: {', '.join(checkpoint_tags(ckpt_dir)) or 'none'}")
 
 
 class CheckpointLayoutError(UserError, ValueError):
@@ -144,9 +196,9 @@ def save(engine, ckpt_dir: str | Path, step: int, rank_state: dict, config_yaml:
         target = ckpt_dir / tag / LAYOUT_FILE
         try:
             if complete:
-                target.write_text(json.dumps(engine_layout(engine)))
-                target = ckpt_dir / "latest"
-                _write_latest(ckpt_dir, tag)
+                atomic.write_json(target, engine_layout(engine), indent=None)
+                target = ckpt_dir / LATEST
+                atomic.write_text(target, tag)
         except OSError as err:
             failures.append((str(target), err))
         if complete and not failures:
@@ -156,7 +208,7 @@ def save(engine, ckpt_dir: str | Path, step: int, rank_state: dict, config_yaml:
     error = None
     if failures:
         path, err = failures[0]
-        previous = resolve_tag(ckpt_dir, "latest")
+        previous = read_latest(ckpt_dir)  # unchecked: raising here, on rank 0 alone, would strand the others
         error = CheckpointWriteError(
             f"checkpoint {tag} could not be written in {ckpt_dir}: {path}: {err.strerror or err}; "
             + (f"{previous} stays the latest (ckpt.resume=latest takes it)" if previous else "no checkpoint was kept"))
@@ -189,18 +241,6 @@ def _write_failures_recorded(engine, failures: list):
         del writer.save  # the class's method again
 
 
-def _write_latest(ckpt_dir: Path, tag: str) -> None:
-    tmp = ckpt_dir / "latest.tmp"
-    try:
-        with open(tmp, "w") as f:
-            f.write(tag)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, ckpt_dir / "latest")
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def _prune(ckpt_dir: Path, keep_last: int, latest: str) -> None:
     """Keep the last `keep_last` tags up to `latest` (complete, just written); a later tag left by a
     killed run is incomplete and overwritten when its step comes again."""
@@ -210,14 +250,9 @@ def _prune(ckpt_dir: Path, keep_last: int, latest: str) -> None:
 
 
 def resolve_tag(ckpt_dir: str | Path, resume: str) -> str | None:
-    """`latest` -> the tag in DeepSpeed's latest file (None when there is no checkpoint yet)."""
-    ckpt_dir = Path(ckpt_dir)
-    if resume != "latest":
-        if not (ckpt_dir / resume).is_dir():
-            raise FileNotFoundError(f"ckpt.resume={resume}: no checkpoint {ckpt_dir / resume}")
-        return resume
-    latest = ckpt_dir / "latest"
-    return latest.read_text().strip() if latest.is_file() else None
+    """ckpt.resume -> the tag to load: `latest` the one DeepSpeed's latest file names, None when there is
+    no checkpoint yet (find_tag)."""
+    return find_tag(ckpt_dir, resume, missing_ok=True)
 
 
 def load(engine, ckpt_dir: str | Path, resume: str | None, rank: int) -> tuple[int, dict | None]:

@@ -24,9 +24,9 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from dime_ds.config.schema import RootConfig
-from dime_ds.engine.checkpoint import OBJECTIVE_MODULE, TAG, weights_only_reads
+from dime_ds.engine.checkpoint import (OBJECTIVE_MODULE, TAG, CheckpointError, checkpoint_tags, find_tag, model_states,
+                                       read_latest, weights_only_reads)
 from dime_ds.engine.param_groups import split_names
-from dime_ds.errors import UserError
 from dime_ds.models import Student, build_run_student
 
 log = logging.getLogger(__name__)
@@ -37,16 +37,8 @@ ZERO_STAGE_KEY = "zero_stage"
 FP32_PARTITIONS_KEY = "single_partition_of_fp32_groups"
 
 
-class CheckpointError(UserError, FileNotFoundError):
-    """A path that holds no usable dime_ds checkpoint; the message names it and what was expected."""
-
-
-def _model_states(tag_dir: Path) -> list[Path]:
-    return sorted(tag_dir.glob("*model_states.pt"))
-
-
 def _is_ckpt_dir(path: Path) -> bool:
-    return (path / "latest").is_file() or any(_model_states(p) for p in path.iterdir() if p.is_dir())
+    return read_latest(path) is not None or bool(checkpoint_tags(path))
 
 
 def _ckpt_dir_of_run(run_dir: Path) -> Path:
@@ -61,19 +53,10 @@ def _ckpt_dir_of_run(run_dir: Path) -> Path:
                           "ckpt.every_n_steps and when it ends")
 
 
-def _latest(ckpt_dir: Path) -> str:
-    latest = ckpt_dir / "latest"
-    if latest.is_file():
-        return latest.read_text().strip()
-    tags = sorted(p.name for p in ckpt_dir.iterdir() if p.is_dir() and _model_states(p))
-    raise CheckpointError(f"{ckpt_dir}: no DeepSpeed `latest` file (no complete checkpoint); "
-                          f"choose a tag: {', '.join(tags) or 'none found'}")
-
-
 def _run_config(ckpt_dir: Path, tag: str) -> DictConfig:
     """The resolved config saved with the checkpoint (client state); config.yaml beside it for
     checkpoints without one."""
-    client = _load(_model_states(ckpt_dir / tag)[0])
+    client = _load(model_states(ckpt_dir / tag)[0])
     text = client.get("config") if isinstance(client, dict) else None
     if text is None:
         saved = ckpt_dir.parent / "config.yaml"
@@ -99,7 +82,7 @@ def resolve_checkpoint(path: str | Path, tag: str | None = None) -> tuple[DictCo
     p = Path(path).expanduser().resolve()
     if not p.is_dir():
         raise CheckpointError(f"{p}: {'no such directory' if not p.exists() else 'not a directory'}; {EXPECTED}")
-    if _model_states(p):  # a tag directory
+    if model_states(p):  # a tag directory
         if tag not in (None, p.name):
             raise CheckpointError(f"{p} is checkpoint {p.name}, but --tag {tag} was asked for")
         ckpt_dir, tag = p.parent, p.name
@@ -110,11 +93,7 @@ def resolve_checkpoint(path: str | Path, tag: str | None = None) -> tuple[DictCo
             ckpt_dir = _ckpt_dir_of_run(p)
         else:
             raise CheckpointError(f"{p}: no config.yaml, no DeepSpeed `latest` file, no *model_states.pt; {EXPECTED}")
-        tag = tag or _latest(ckpt_dir)
-        if not (ckpt_dir / tag).is_dir() or not _model_states(ckpt_dir / tag):
-            tags = sorted(q.name for q in ckpt_dir.iterdir() if q.is_dir() and _model_states(q))
-            raise CheckpointError(f"{ckpt_dir / tag}: no such checkpoint (tags in {ckpt_dir}: "
-                                  f"{', '.join(tags) or 'none'})")
+        tag = find_tag(ckpt_dir, tag)
     return _run_config(ckpt_dir, tag), ckpt_dir, tag
 
 
@@ -140,10 +119,8 @@ def fp32_objective_state_dict(ckpt_dir: str | Path, tag: str | None = None) -> d
 
 def _fp32_engine_state(ckpt_dir: str | Path, tag: str | None) -> dict[str, torch.Tensor]:
     ckpt_dir = Path(ckpt_dir)
-    tag = tag or _latest(ckpt_dir)
+    tag = find_tag(ckpt_dir, tag)
     tag_dir = ckpt_dir / tag
-    if not _model_states(tag_dir):
-        raise CheckpointError(f"{tag_dir}: no *model_states.pt; {EXPECTED}")
     shards = _optim_shards(tag_dir)
     if not shards:
         state = _stage0_state(tag_dir)
@@ -202,7 +179,7 @@ def _checked(tag_dir: Path, sd: dict, masters: dict[str, torch.Tensor]) -> dict[
 
 def _stage0_state(tag_dir: Path) -> dict[str, torch.Tensor]:
     """Stage 0: the FP16 optimizer's per-parameter fp32 copies, named in param_groups order."""
-    sd = _load(_model_states(tag_dir)[0])
+    sd = _load(model_states(tag_dir)[0])
     module, optim = sd["module"], sd.get("optimizer") or {}
     shared = dict(sd.get("shared_params") or {})
     names = [k for k in module if k not in set(sd.get("buffer_names") or ()) and k not in shared]
@@ -228,7 +205,7 @@ def _bf16_optimizer_state(tag_dir: Path, shards: list[Path]) -> dict[str, torch.
     DeepSpeed's BF16_Optimizer, whose shards zero_to_fp32 (0.19.8) rejects as "not a zero checkpoint".
     Layout: per group, the ranks' equal fp32 partitions concatenate to the parameters back to back,
     padded at the end only."""
-    sd = _load(_model_states(tag_dir)[0])
+    sd = _load(model_states(tag_dir)[0])
     partitions = [_load(f)["optimizer_state_dict"][FP32_PARTITIONS_KEY] for f in shards]
     masters = {}
     for g, shapes in enumerate(sd["param_shapes"]):

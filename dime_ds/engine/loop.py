@@ -4,13 +4,11 @@ when grad_accum > 1 (engine/accumulate.py); then log, evaluate, checkpoint.
 The loop knows no method: DIME-FM and CLIP are objectives (dime_ds/objectives)."""
 from __future__ import annotations
 
-import contextlib
 import logging
-import resource
 import signal
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import torch
 from omegaconf import OmegaConf
@@ -26,12 +24,10 @@ from dime_ds.engine.ds_config import build_ds_config, engine_precision
 from dime_ds.engine.param_groups import param_groups
 from dime_ds.engine.schedule import lr_at
 from dime_ds.engine.zero3_teacher import zero3_inference
-from dime_ds.eval.features import Encoder
-from dime_ds.eval.suite import evaluate_suite, headline
-from dime_ds.log.flops import ModelFlops, student_flops, teacher_flops
+from dime_ds.engine.metrics import StepMeter, StepMetrics
+from dime_ds.models.flops import ModelFlops, student_flops, teacher_flops
 from dime_ds.log.tensorboard import TBWriter
-from dime_ds.losses.dime import reduce_for_logging
-from dime_ds.models import PRECISIONS, build_run_student, precision_for, student_preprocess_cfg, student_tokenizer
+from dime_ds.models import PRECISIONS, build_run_student, precision_for
 from dime_ds.objectives import RunContext, build_objective
 
 log = logging.getLogger(__name__)
@@ -56,32 +52,6 @@ class StopRequested:
         return C.reduce_scalar(1.0 if self.flag else 0.0, op="max") > 0
 
 
-@dataclass
-class StepMeter:
-    """Seconds per phase and samples since the last log line (a window), and over the whole run."""
-
-    window: dict = field(default_factory=dict)
-    samples: int = 0
-    seconds: float = 0.0
-    steps: int = 0
-
-    @contextlib.contextmanager
-    def timed(self, phase: str):
-        t0 = time.perf_counter()
-        yield
-        self.window[phase] = self.window.get(phase, 0.0) + time.perf_counter() - t0
-
-    def step_done(self, samples: int, seconds: float) -> None:
-        self.window["samples"] = self.window.get("samples", 0) + samples
-        self.window["seconds"] = self.window.get("seconds", 0.0) + seconds
-        self.window["steps"] = self.window.get("steps", 0) + 1
-        self.samples, self.seconds, self.steps = self.samples + samples, self.seconds + seconds, self.steps + 1
-
-    def take(self) -> dict:
-        window, self.window = self.window, {}
-        return window
-
-
 def attach_objective_module(student: torch.nn.Module, module: torch.nn.Module | None, ds_config: dict) -> None:
     """The objective's own trainable parameters become a submodule of the student the engine wraps
     (optimizer, gradient averaging, checkpoint and resume as for the student's); consolidation strips
@@ -91,15 +61,21 @@ def attach_objective_module(student: torch.nn.Module, module: torch.nn.Module | 
         return
     stage = int(ds_config.get("zero_optimization", {}).get("stage", 0))
     if stage == 3:
-        raise ConfigError(f"loss.learn_centres=true with dist.ds_config (ZeRO stage 3): the learnable centres "
+        raise ConfigError("loss.learn_centres=true with dist.ds_config (ZeRO stage 3): the learnable centres "
                           "are read outside the student's forward, where ZeRO-3 partitions them away; use "
                           "ZeRO stage 0-2 (dist.ds_config=zero1|zero2) or loss.learn_centres=false")
     student.add_module(OBJECTIVE_MODULE, module)
 
 
+# A periodic evaluation: called as evaluate(trainer, step) at every eval.every_n_steps on every rank;
+# returns the results for the run summary. Built above the engine (eval/periodic.py), handed in.
+Evaluate = Callable[["Trainer", int], dict]
+
+
 class Trainer:
-    def __init__(self, cfg: RootConfig, world: WorldInfo, device: torch.device):
+    def __init__(self, cfg: RootConfig, world: WorldInfo, device: torch.device, evaluate: Evaluate | None = None):
         self.cfg, self.world, self.device = cfg, world, device
+        self.evaluate = evaluate
         ds_config = build_ds_config(cfg.dist.ds_config, cfg.optim, world.world_size,
                                     precision_for("student", device).name)
         self.precision = PRECISIONS[engine_precision(ds_config)]  # a JSON's explicit bf16/fp16 wins
@@ -118,11 +94,10 @@ class Trainer:
             student, optimizer, config=ds_config,
             lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(
                 opt, lambda step: lr_at(step, cfg.optim) / cfg.optim.lr))
-        self.flops = self._count_flops(cfg)
         self.tb = TBWriter(Path(cfg.run_dir) / "tensorboard", enabled=world.rank == 0 and cfg.log.tensorboard)
         self.stop = StopRequested()
         self.meter = StepMeter()
-        self._teacher_eval: dict | None = None  # a frozen teacher scores the same every time
+        self.metrics = StepMetrics(world.world_size, device, self._count_flops(cfg), cfg.log.peak_tflops)
 
     @property
     def student(self):
@@ -143,7 +118,8 @@ class Trainer:
             log.warning("model FLOPs not counted (%s: %s): no perf/model_tflops_per_device", type(err).__name__, err)
             return None
 
-    def _forward(self, images=None, tokens=None):
+    def forward(self, images=None, tokens=None):
+        """The student through the engine (ZeRO-3 gathers its parameters); evaluation uses it too."""
         return self.engine(images=images, tokens=tokens)
 
     def train(self) -> dict:
@@ -163,8 +139,8 @@ class Trainer:
             bar.update(1)
             if self._due(step, cfg.log.every_n_steps):
                 summary["loss"] = self._log(step, losses, bar)
-            if cfg.eval.every_n_steps and self._due(step, cfg.eval.every_n_steps):
-                summary["eval"] = self.evaluate(step)
+            if self.evaluate is not None and cfg.eval.every_n_steps and self._due(step, cfg.eval.every_n_steps):
+                summary["eval"] = self.evaluate(self, step)
             stop = self.stop.any_rank()
             if stop or self._due(step, cfg.ckpt.every_n_steps):
                 checkpoint.save(self.engine, cfg.ckpt.dir, step, self.objective.state_dict(), config_yaml,
@@ -174,12 +150,7 @@ class Trainer:
                 break
         bar.close()
         self.tb.close()
-        if self.meter.seconds > 0:
-            summary["samples_per_s"] = self.meter.samples / self.meter.seconds
-            if self.flops is not None:
-                summary.update({k.removeprefix("perf/"): v for k, v in self.flops.readout(
-                    summary["samples_per_s"] / self.world.world_size, cfg.log.peak_tflops).items()})
-                summary["model_flops_per_sample"] = {"student": self.flops.student, "teacher": self.flops.teacher}
+        summary.update(self.metrics.run_summary(self.meter))
         return {**summary, "status": status, "step": step, "skipped": self.objective.skipped(),
                 "data_faults": self.objective.data_faults()}
 
@@ -201,7 +172,7 @@ class Trainer:
         with self.meter.timed("teacher_s"):
             targets = objective.targets(batch)
         with self.meter.timed("student_s"):
-            losses = objective.losses(objective.student_features(self._forward, batch), targets)
+            losses = objective.losses(objective.student_features(self.forward, batch), targets)
             self.engine.backward(losses["total"])
             self.engine.step()
         return losses
@@ -217,9 +188,9 @@ class Trainer:
             with self.meter.timed("teacher_s"):
                 targets.append(objective.targets(batches[-1]))
         with self.meter.timed("embed_s"):
-            embedded = accumulate.embed(objective, self._forward, batches, self.device)
+            embedded = accumulate.embed(objective, self.forward, batches, self.device)
         with self.meter.timed("student_s"):
-            return accumulate.backward_each(objective, self._forward, self._backward_and_step, batches, targets,
+            return accumulate.backward_each(objective, self.forward, self._backward_and_step, batches, targets,
                                             embedded)
 
     def _backward_and_step(self, surrogate: torch.Tensor) -> None:
@@ -228,27 +199,8 @@ class Trainer:
         self.engine.step()
 
     def _log(self, step: int, losses: dict, bar) -> dict:
-        window = self.meter.take()
-        values = {f"loss/{k}": v for k, v in reduce_for_logging(losses).items()}
-        values["optim/lr"] = self.scheduler.get_last_lr()[0] if self.scheduler else self.cfg.optim.lr
-        norm = self.engine.get_global_grad_norm()
-        if norm is not None:
-            values["optim/grad_norm"] = float(norm)
-        if window.get("seconds"):
-            values["perf/samples_per_s"] = window["samples"] / window["seconds"]
-            if self.flops is not None:
-                values.update(self.flops.readout(values["perf/samples_per_s"] / self.world.world_size,
-                                                 self.cfg.log.peak_tflops))
-        for phase in ("data_s", "teacher_s", "embed_s", "student_s"):
-            values[f"perf/{phase}_per_step"] = window.get(phase, 0.0) / max(1, window.get("steps", 1))
-        for name, count in self.objective.skipped().items():
-            values[f"data/skipped_{name}"] = C.reduce_scalar(count)
-        faults = self.objective.data_faults()  # summed over ranks: a shard read by several counts once per rank
-        values["data/damaged_shards"] = C.reduce_scalar(sum(f["damaged"] for f in faults.values()))
-        values["data/truncated_texts"] = C.reduce_scalar(sum(f["truncated"] for f in faults.values()))
-        values["memory/host_max_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-        if self.device.type == "cuda":
-            values["memory/gpu_max_allocated_gb"] = torch.cuda.max_memory_allocated(self.device) / 2**30
+        lr = self.scheduler.get_last_lr()[0] if self.scheduler else self.cfg.optim.lr
+        values = self.metrics.collect(losses, self.meter.take(), lr, self.engine.get_global_grad_norm(), self.objective)
         self.tb.scalars(values, step)
         bar.set_postfix(loss=f"{values.get('loss/total', float('nan')):.4f}",
                         sps=f"{values.get('perf/samples_per_s', 0):.0f}")
@@ -256,51 +208,3 @@ class Trainer:
             log.info("step %d/%d %s", step, self.cfg.optim.steps,
                      " ".join(f"{k}={v:.4g}" for k, v in values.items()))
         return {k: v for k, v in values.items() if k.startswith("loss/")}
-
-    # ------------------------------------------------------------------ eval
-    def _student_encoder(self) -> Encoder | None:
-        """The student for evaluation: its own text tower, else the one its objective lends."""
-        if self.student.has_text:
-            encode_text, tokenize = (lambda t: self._forward(tokens=t).text), student_tokenizer(self.student)
-        elif (borrowed := self.objective.borrowed_text()) is not None:
-            encode_text, tokenize = borrowed
-        else:
-            return None
-        return Encoder("student", lambda x: self._forward(images=x).image, encode_text, tokenize,
-                       student_preprocess_cfg(self.student.model_cfg), self.device, self.precision.dtype)
-
-    @torch.no_grad()
-    def evaluate(self, step: int) -> dict:
-        """The eval datasets of `eval.periodic_tasks`, student (and once, the teacher); every rank takes
-        a share of the features; rank 0 logs to TensorBoard."""
-        if not self.cfg.eval.datasets:
-            return {}
-        student = self._student_encoder()
-        if student is None:
-            log.warning("no text tower to build zero-shot classifiers with (cached teacher); eval skipped")
-            return {}
-        self.engine.eval()
-        # Every rank forwards the same number of batches: a ZeRO-3 forward is collective.
-        opts = dict(tasks=self.cfg.eval.periodic_tasks, lockstep=C.is_distributed(), progress=self.cfg.log.progress)
-        results = {"student": evaluate_suite(student, self.cfg.eval, **opts)}
-        teacher = self.objective.teacher_encoder()
-        if teacher is not None:
-            if self._teacher_eval is None:
-                self._teacher_eval = evaluate_suite(teacher, self.cfg.eval, **opts)
-            results["teacher"] = self._teacher_eval
-        self.engine.train()
-        self._log_eval(step, results)
-        return results
-
-    def _log_eval(self, step: int, results: dict) -> None:
-        if self.world.rank == 0:
-            log.info("step %d eval: %s", step, "  ".join(
-                f"{model}/{name} {label}={100 * value:.1f}%" for model, per_set in results.items()
-                for name, m in per_set.items() for _, label, value in headline(m) if isinstance(value, float)))
-        for model, per_set in results.items():
-            self.tb.scalars({f"{m['task']}_{model}/{name}" + ("" if key == "top1" else f"_{key}"): value
-                             for name, m in per_set.items() for key, _, value in headline(m)
-                             if isinstance(value, float)}, step)
-        sample = self.objective.similarity_sample()
-        if sample is not None:
-            self.tb.similarity_image("similarity/teacher_vs_student", *sample, step)

@@ -20,19 +20,11 @@ from pathlib import Path
 from typing import Sequence
 
 from dime_ds.cli import run_entry
-from dime_ds.config import load_config
+from dime_ds.config import ConfigError, config_dir, load_config
 from dime_ds.config.schema import RootConfig
+from dime_ds.jobs import config_overrides
 
 log = logging.getLogger("dime_ds.eval")
-ALIASES = {"model=": "eval.model=", "pretrained=": "eval.pretrained="}  # suite=: every entry point's (load_config)
-
-
-def expand_aliases(overrides: Sequence[str]) -> list[str]:
-    out = []
-    for o in overrides:
-        prefix = next((p for p in ALIASES if o.startswith(p)), None)
-        out.append(ALIASES[prefix] + o[len(prefix):] if prefix else o)
-    return out
 
 
 def default_out_dir(cfg: RootConfig) -> Path:
@@ -44,7 +36,11 @@ def default_out_dir(cfg: RootConfig) -> Path:
 
 
 def main(overrides: Sequence[str]) -> int:
-    cfg = load_config(expand_aliases(overrides))
+    cfg = load_config(config_overrides("eval", overrides))  # model=, pretrained=: dime_ds/jobs.py
+    if not cfg.eval.datasets:
+        suites = "|".join(sorted(p.stem for p in (config_dir() / "eval").glob("*.yaml") if p.stem != "none"))
+        raise ConfigError(f"no evaluation datasets: pick a suite (suite={suites}, or suite=/path/my_suite.yaml) "
+                          "or add your own with +eval.datasets.NAME.path=DIR")
     from dime_ds.distributed.stage import stage  # after validation: no heavy import for a bad config
     from dime_ds.eval.models import load_encoders
     from dime_ds.eval.report import compare

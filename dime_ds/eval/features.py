@@ -6,43 +6,20 @@ from __future__ import annotations
 import logging
 import tarfile
 from dataclasses import dataclass, field
-from typing import Callable
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
 from dime_ds.data.pipelines import SampleError, image_transform, preprocess_size
 from dime_ds.distributed import collectives as C
 from dime_ds.distributed.stage import gather_to_main, raise_agreed
 from dime_ds.eval.sources import EvalDataError, EvalSplit, Reader, collate
+from dime_ds.models.encoder import Encoder
 
 log = logging.getLogger(__name__)
 # What reading a dataset can raise that is the data's fault (unreadable tar, I/O, bad file), not a bug.
 READ_ERRORS = (OSError, ValueError, tarfile.TarError, SampleError)
-
-
-@dataclass
-class Encoder:
-    """What evaluation needs of a model: raw embeddings in one space, its tokenizer and preprocessing."""
-
-    name: str
-    encode_image: Callable[[torch.Tensor], torch.Tensor]
-    encode_text: Callable[[torch.Tensor], torch.Tensor]
-    tokenize: Callable[[list[str]], torch.Tensor]
-    preprocess_cfg: dict
-    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
-    dtype: torch.dtype = torch.float32
-    info: dict = field(default_factory=dict)  # shown in reports: source, parameters, ...
-
-    @torch.no_grad()
-    def images(self, x: torch.Tensor) -> torch.Tensor:
-        return F.normalize(self.encode_image(x.to(self.device, self.dtype)).float(), dim=-1)
-
-    @torch.no_grad()
-    def texts(self, texts: list[str]) -> torch.Tensor:
-        return F.normalize(self.encode_text(self.tokenize(texts).to(self.device)).float(), dim=-1)
 
 
 @dataclass

@@ -10,7 +10,7 @@ import torch
 
 from dime_ds.config.schema import EvalConfig, TeacherConfig
 from dime_ds.errors import UserError
-from dime_ds.eval.features import Encoder
+from dime_ds.models.encoder import Encoder
 from dime_ds.models import Teacher, TeacherWeightsError, load_teacher, student_preprocess_cfg, student_tokenizer
 from dime_ds.models.openclip_dir import CONFIG_NAME
 from dime_ds.models.precision import precision_for

@@ -3,14 +3,14 @@ per model (teacher and student side by side), task means at the bottom. Printed,
 JSON (every metric) and a markdown table."""
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Mapping, Sequence
 
+from dime_ds import atomic
 from dime_ds.config.schema import EvalConfig
 from dime_ds.distributed import collectives as C
-from dime_ds.eval.features import Encoder
+from dime_ds.models.encoder import Encoder
 from dime_ds.eval.suite import evaluate_suite, headline
 from dime_ds.log.table import format_table
 
@@ -64,12 +64,10 @@ def write_report(out_dir: str | os.PathLike, stem: str, results: Mapping[str, Ma
                       for msg in m.get("damaged_shards", [])})
     notes += [f"{e} (used as far as readable)" for e in damaged]
     path = out / f"{stem}.json"
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps({"models": dict(info), "results": dict(results), "missing": missing, "errors": errors,
-                              "damaged_shards": damaged},
-                              indent=2, default=str))
-    tmp.replace(path)
-    (out / f"{stem}.md").write_text(markdown_table(header, rows) + "".join(f"\n- {n}" for n in notes) + ("\n" if notes else ""))
+    atomic.write_json(path, {"models": dict(info), "results": dict(results), "missing": missing, "errors": errors,
+                             "damaged_shards": damaged}, indent=2, default=str)
+    atomic.write_text(out / f"{stem}.md",
+                      markdown_table(header, rows) + "".join(f"\n- {n}" for n in notes) + ("\n" if notes else ""))
     return format_table(header, rows) + "".join(f"\n{n}" for n in notes), path
 
 

@@ -14,7 +14,8 @@ from typing import Iterable
 from dime_ds.config.schema import EvalConfig, EvalDatasetConfig
 from dime_ds.data.pipelines import SampleError
 from dime_ds.distributed import collectives as C
-from dime_ds.eval.features import Encoder, extract
+from dime_ds.eval.features import extract
+from dime_ds.models.encoder import Encoder
 from dime_ds.eval.linear_probe import linear_probe, stratified_split
 from dime_ds.eval.retrieval import retrieval_metrics
 from dime_ds.eval.sources import count_skips, has_split, open_split, with_class_names

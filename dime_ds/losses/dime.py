@@ -19,10 +19,9 @@ global batch):
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Protocol
 
 import torch
-
-from dime_ds.config.schema import LossConfig
 
 from dime_ds.distributed import collectives as C
 from dime_ds.losses.functional import DimeFeatures, clip_loss_block, dime_losses_block, normalize
@@ -30,7 +29,20 @@ from dime_ds.losses.functional import DimeFeatures, clip_loss_block, dime_losses
 DIME_KEYS = ("w_vl", "w_pvl", "w_ud", "t_vl", "t_pvl", "t_ud", "scale")
 
 
-def dime_kwargs(loss_cfg: LossConfig) -> dict[str, float]:
+class LossWeights(Protocol):
+    """What the loss reads of the `loss` config section (config/schema.py LossConfig owns the defaults);
+    a protocol, so losses/ stays below config/ and takes any object with these attributes."""
+
+    w_vl: float
+    w_pvl: float
+    w_ud: float
+    t_vl: float
+    t_pvl: float
+    t_ud: float
+    scale: float
+
+
+def dime_kwargs(loss_cfg: LossWeights) -> dict[str, float]:
     """The DIME-FM weights, temperatures and scale of a `loss` section (its defaults are the paper's)."""
     return {k: float(getattr(loss_cfg, k)) for k in DIME_KEYS}
 
@@ -44,7 +56,7 @@ def gather_features(feats: DimeFeatures) -> DimeFeatures:
 
 
 def dime_loss(t_img: torch.Tensor, t_txt: torch.Tensor, s_img: torch.Tensor, s_txt: torch.Tensor,
-              loss_cfg: LossConfig) -> dict[str, torch.Tensor]:
+              loss_cfg: LossWeights) -> dict[str, torch.Tensor]:
     """This rank's DIME-FM losses (`vl`, `pvl`, `ud`, `total`) from its raw local embeddings.
     `s_txt is t_txt` means the student uses the teacher's frozen text tower. See the module docstring
     for the equal-share requirement and how the local losses relate to the global batch; use

@@ -100,7 +100,7 @@ def clip_loss(img: torch.Tensor, txt: torch.Tensor, logit_scale: torch.Tensor) -
 # ---------------------------------------------------------------------------- CLIP-CID terms
 # CLIP-CID's scale, margin and temperature (32, 0.3, 0.07, the UNICOM/MLCD line's values; the paper's
 # own are not public) are LossConfig's defaults, keyword-only and required here like every weight above.
-UNLABELLED = -1  # a row without a pseudo-class (dime_ds.curate.pseudo_labels.UNLABELLED)
+UNLABELLED = -1  # a row without a pseudo-class (dime_ds.data.pseudo_labels.UNLABELLED)
 COS_EPS = 1e-7  # arccos is clamped inside (-1, 1): its derivative is infinite at the ends
 
 

@@ -11,6 +11,8 @@ from typing import Any, Mapping
 import torch
 from safetensors.torch import save_file
 
+from dime_ds import atomic
+
 CONFIG_NAME = "open_clip_config.json"
 WEIGHTS_NAME = "open_clip_model.safetensors"
 
@@ -22,16 +24,13 @@ def save_openclip_dir(state_dict: Mapping[str, torch.Tensor], model_cfg: Mapping
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
-    tmp = out / (WEIGHTS_NAME + ".tmp")
-    save_file(tensors, str(tmp))
-    os.chmod(tmp, 0o666 & ~_umask())  # safetensors writes 0600; a shared model directory must be readable
-    tmp.replace(out / WEIGHTS_NAME)
+    with atomic.replacing(out / WEIGHTS_NAME) as tmp:
+        save_file(tensors, str(tmp))
+        os.chmod(tmp, 0o666 & ~_umask())  # safetensors writes 0600; a shared model directory must be readable
     config = {"model_cfg": dict(model_cfg), "preprocess_cfg": dict(preprocess_cfg)}
     if extra:
         config["dime_ds"] = dict(extra)
-    tmp = out / (CONFIG_NAME + ".tmp")
-    tmp.write_text(json.dumps(config, indent=2, sort_keys=True))
-    tmp.replace(out / CONFIG_NAME)
+    atomic.write_json(out / CONFIG_NAME, config, indent=2, sort_keys=True)
     return out
 
 

@@ -13,8 +13,8 @@ OBJECTIVES = {"dime": DimeObjective, "clip": ClipObjective}
 
 
 def build_objective(cfg: RootConfig, ctx: RunContext) -> Objective:
-    """The objective `loss.kind` names, given the config sections it reads."""
-    return OBJECTIVES[cfg.loss.kind].from_config(cfg, ctx)
+    """The objective `loss.objective` names, given the config sections it reads."""
+    return OBJECTIVES[cfg.loss.objective].from_config(cfg, ctx)
 
 
 __all__ = ["OBJECTIVES", "ClipObjective", "DimeObjective", "Objective", "RunContext", "build_objective"]

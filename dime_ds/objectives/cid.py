@@ -9,7 +9,7 @@ from torch import nn
 
 from dime_ds.config import ConfigError
 from dime_ds.config.schema import ClusterConfig, LossConfig
-from dime_ds.curate.pseudo_labels import PseudoLabelError, PseudoLabels
+from dime_ds.data.pseudo_labels import PseudoLabelError, PseudoLabels
 from dime_ds.losses.cid import cluster_loss, instance_loss, shard_bounds
 from dime_ds.objectives.base import RunContext
 

@@ -30,7 +30,7 @@ class ClipObjective(Objective):
 
     def start(self, student: Student, state: dict | None) -> None:
         if not student.has_text:
-            raise ConfigError("loss.kind=clip trains both towers: it needs student.text=own")
+            raise ConfigError("loss.objective=clip trains both towers: it needs student.text=own")
         data, ctx = self.data_cfg, self.ctx
         transform = image_transform(student_preprocess_cfg(student.model_cfg), train=data.augment,
                                     crop_scale_min=data.crop_scale_min)

@@ -14,7 +14,7 @@ from dime_ds.data.pipelines import image_transform, preprocess_size
 from dime_ds.data.shards import list_shards
 from dime_ds.data.workers import loader_workers
 from dime_ds.data.views import ViewRecipe, ViewSampler
-from dime_ds.eval.features import Encoder
+from dime_ds.models.encoder import Encoder
 from dime_ds.losses.dime import dime_loss
 from dime_ds.models import PRECISIONS, Student, student_preprocess_cfg, student_tokenizer
 from dime_ds.objectives.base import Objective, RunContext, StudentForward

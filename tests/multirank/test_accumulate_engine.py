@@ -33,7 +33,7 @@ TEACHER_DIM = 32  # the tiny teacher's width: DIME-FM students project into it
 
 
 def _train(rank, world_size, overrides):
-    from dime_ds.engine.run import run_training
+    from dime_ds.training import run_training
 
     return run_training(load_config(overrides))
 
@@ -44,7 +44,7 @@ def _initial_weights(overrides: list[str]) -> dict[str, torch.Tensor]:
 
     cfg = load_config(overrides)
     torch.manual_seed(cfg.seed)
-    student = build_run_student(cfg.student, cfg.teacher, TEACHER_DIM if cfg.loss.kind == "dime" else None)
+    student = build_run_student(cfg.student, cfg.teacher, TEACHER_DIM if cfg.loss.objective == "dime" else None)
     return {k: v.detach().clone() for k, v in student.state_dict().items()}
 
 

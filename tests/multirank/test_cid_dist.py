@@ -144,7 +144,7 @@ def test_accumulated_cid_objective_on_two_ranks_equals_one_process(tmp_path):
     import numpy as np
 
     from dime_ds.config.schema import LossConfig
-    from dime_ds.curate.pseudo_labels import write_pseudo_labels
+    from dime_ds.data.pseudo_labels import write_pseudo_labels
     from tests.accumulate_fixtures import (DIM as T_DIM, TensorCid, TinyStudent, assert_grads_close, global_batch,
                                           grads, plain_step)
 

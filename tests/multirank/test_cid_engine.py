@@ -27,7 +27,7 @@ TEACHER_DIM, K = 32, 40
 @pytest.fixture(scope="module")
 def cluster_dir(tmp_path_factory, tiny_world):
     """Random pseudo-labels for every image key of the tiny world (the loss only needs them to exist)."""
-    from dime_ds.curate.pseudo_labels import write_pseudo_labels
+    from dime_ds.data.pseudo_labels import write_pseudo_labels
 
     keys = sorted({Path(m).name.split(".")[0] for shard in sorted((Path(tiny_world) / "images").glob("*.tar"))
                    for m in tarfile.open(shard).getnames()})
@@ -38,7 +38,7 @@ def cluster_dir(tmp_path_factory, tiny_world):
 
 
 def _train(rank, world_size, overrides):
-    from dime_ds.engine.run import run_training
+    from dime_ds.training import run_training
 
     return run_training(load_config(overrides))
 
@@ -57,7 +57,7 @@ def _result(work: Path) -> tuple[dict, dict]:
 
 
 def test_learnable_centres_resume_exactly(tmp_path, tiny_world, tiny_teacher_dir, cluster_dir):
-    from dime_ds.curate.pseudo_labels import PseudoLabels
+    from dime_ds.data.pseudo_labels import PseudoLabels
 
     base = (tiny_world, tiny_teacher_dir, cluster_dir)
     whole = _overrides(tmp_path / "whole", *base, "optim.steps=4", "ckpt.every_n_steps=2")
@@ -85,7 +85,7 @@ def test_accumulated_run_ends_with_the_weights_and_centres_of_one_big_micro_batc
                                                                                   tiny_teacher_dir, cluster_dir):
     """As tests/multirank/test_accumulate_engine.py, with the CID terms on: per tensor, the runs differ
     by under 10 % of the tensor's own 3-step update (optim.eps=1: updates proportional to gradients)."""
-    from dime_ds.curate.pseudo_labels import PseudoLabels
+    from dime_ds.data.pseudo_labels import PseudoLabels
 
     runs = {}
     for accum in (1, 2):

@@ -17,7 +17,7 @@ pytestmark = pytest.mark.slow
 
 def _train_until_killed(rank, world_size, overrides, victim, die_at_step):
     from dime_ds.engine import loop
-    from dime_ds.engine.run import run_training
+    from dime_ds.training import run_training
 
     if rank == victim:
         original, done = loop.Trainer._optimizer_step, [0]

@@ -16,7 +16,7 @@ pytestmark = pytest.mark.slow
 
 
 def _train(rank, world_size, overrides):
-    from dime_ds.engine.run import run_training
+    from dime_ds.training import run_training
 
     return run_training(load_config(overrides))
 

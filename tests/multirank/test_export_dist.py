@@ -46,7 +46,7 @@ def _live_fp32_masters(engine) -> dict[str, torch.Tensor]:
 
 def _train(rank, world_size, overrides):
     from dime_ds.engine import loop
-    from dime_ds.engine.run import run_training
+    from dime_ds.training import run_training
 
     live = {}
     train = loop.Trainer.train

@@ -48,7 +48,7 @@ def _damaged_streams(root):
 
 def _train(rank, world_size, overrides, victim=None, die_at_step=None):
     from dime_ds.engine import loop
-    from dime_ds.engine.run import run_training
+    from dime_ds.training import run_training
 
     if rank == victim:
         original, done = loop.Trainer._optimizer_step, [0]

@@ -53,7 +53,7 @@ def _cfg(embed: Path, out: Path):
 
 def _stage(rank, world_size, embed, out):
     from dime_ds.distributed import collectives as C
-    from dime_ds.ground import stage
+    from dime_ds.match import stage
 
     stage.IMAGE_CHUNK = 128  # several image chunks per text block
     report = stage.run_match_stage(_cfg(embed, out))
@@ -74,7 +74,7 @@ def embed_dir(tmp_path_factory):
 
 
 def test_rank_rows_cover_the_corpus():
-    from dime_ds.ground.stage import rank_rows
+    from dime_ds.match.stage import rank_rows
 
     for n, world in ((1000, 2), (1000, 3), (2, 4), (0, 2)):
         blocks = [rank_rows(n, r, world) for r in range(world)]
@@ -84,8 +84,8 @@ def test_rank_rows_cover_the_corpus():
 
 def test_two_ranks_match_one_rank_and_the_reference(embed_dir, tmp_path):
     from dime_ds.data.embeddings import EmbeddingCache
-    from dime_ds.ground.algorithm1 import greedy_ground_reference
-    from dime_ds.ground.stage import run_match_stage
+    from dime_ds.match.algorithm1 import greedy_ground_reference
+    from dime_ds.match.stage import run_match_stage
 
     one = run_match_stage(_cfg(embed_dir, tmp_path / "one"))
     reports = run_ranks(_stage, 2, embed_dir, tmp_path / "two", timeout=180)
@@ -113,7 +113,7 @@ def test_two_ranks_match_one_rank_and_the_reference(embed_dir, tmp_path):
 
 
 def _stage_failing_on_rank_1(rank, world_size, embed, out):
-    from dime_ds.ground import stage
+    from dime_ds.match import stage
 
     search = stage.rank_partial_topk
 

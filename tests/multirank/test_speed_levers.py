@@ -23,7 +23,7 @@ STEPS = 8
 
 def _curve(rank, world_size, overrides):
     from dime_ds.engine import loop
-    from dime_ds.engine.run import run_training
+    from dime_ds.training import run_training
 
     curve, step = [], loop.Trainer._optimizer_step
 

@@ -11,7 +11,9 @@ from pathlib import Path
 
 import pytest
 
+from dime_ds import jobs
 from tests.conftest import engine_overrides
+from tests.slurm.test_launch_dry_run import _sbatch_flags
 
 REPO = Path(__file__).resolve().parents[2]
 pytestmark = [pytest.mark.slurm, pytest.mark.slow, pytest.mark.timeout(300)]
@@ -58,11 +60,10 @@ def test_sbatch_distill_script_two_ranks(slurm_cluster, tmp_path, tiny_world, ti
 
 
 def test_launch_distill_through_submitit(slurm_cluster, tmp_path, tiny_world, tiny_teacher_dir):
-    run = subprocess.run([sys.executable, "-m", "dime_ds.launch", "--nodes", "1", "--gpus-per-node", "0",
-                          "--tasks-per-node", "2", "--cpus-per-task", "1", "--time", "10",
-                          "--job-dir", str(tmp_path / "jobs"), "--wait", "stage=distill",
-                          *engine_overrides(tmp_path, tiny_world, tiny_teacher_dir)],
-                         capture_output=True, text=True, timeout=280)
+    launch = [sys.executable, "-m", "dime_ds.launch", "--nodes", "1", "--gpus-per-node", "0", "--tasks-per-node", "2",
+              "--cpus-per-task", "1", "--time", "10", "--job-dir", str(tmp_path / "jobs"), "stage=distill",
+              *engine_overrides(tmp_path, tiny_world, tiny_teacher_dir)]
+    run = subprocess.run([*launch, "--wait"], capture_output=True, text=True, timeout=280)
     job_dirs = list((tmp_path / "jobs" / "demo").iterdir())
     logs = {p.name: p.read_text() for d in job_dirs for p in d.glob("*_log.*")}
     assert run.returncode == 0, f"{run.stdout}\n{run.stderr}\n" + "\n".join(v[-2000:] for v in logs.values())
@@ -72,6 +73,11 @@ def test_launch_distill_through_submitit(slurm_cluster, tmp_path, tiny_world, ti
     assert "rank 0/2" in err["0"] and "rank 1/2" in err["1"]
     assert _logged_steps(err["0"]) == [1, 2, 3]
     assert list((tmp_path / "runs" / "demo" / "tensorboard").glob("events.*"))
+    # submitit submitted exactly the request --dry-run prints (dime_ds/jobs.py)
+    asked = _sbatch_flags(next((tmp_path / "jobs" / "demo").glob("*/*_submission.sh")).read_text())
+    dry = subprocess.run([*launch, "--dry-run"], capture_output=True, text=True, timeout=120)
+    planned = _sbatch_flags(dry.stdout)
+    assert planned and {k: asked.get(k) for k in planned} == planned, (asked, planned)
 
     # The trained run evaluated by a 2-task job: each rank extracts half, rank 0 reports.
     run_dir = tmp_path / "runs" / "demo"
@@ -83,7 +89,10 @@ def test_launch_distill_through_submitit(slurm_cluster, tmp_path, tiny_world, ti
     assert report["student"]["shape"]["n"] == 32 and report["teacher"]["captions"]["texts"] == 64
 
 
-def test_preempted_job_is_requeued_and_resumes_exactly(slurm_cluster, tmp_path, tiny_world, tiny_teacher_dir):
+@pytest.mark.parametrize("stop", ["preemption", "time_limit"])
+def test_stopped_job_is_requeued_and_resumes_exactly(slurm_cluster, tmp_path, tiny_world, tiny_teacher_dir, stop):
+    """preemption: SLURM requeues the job (SIGTERM); time_limit: SLURM's warning signal, and rank 0
+    requeues the job itself (dime_ds/jobs.py)."""
     steps = 40
     out = tmp_path / "slurm.out"
     sub = subprocess.run(["sbatch", "--parsable", f"--output={out}", *SBATCH_CPU,
@@ -96,7 +105,10 @@ def test_preempted_job_is_requeued_and_resumes_exactly(slurm_cluster, tmp_path, 
         assert time.time() < deadline, out.read_text() if out.is_file() else "no output"
         assert _sacct_state(job_id) not in ("COMPLETED", "FAILED", "CANCELLED"), out.read_text()
         time.sleep(0.2)
-    subprocess.run(["scontrol", "requeue", job_id], check=True)  # what preemption with requeue does
+    if stop == "preemption":
+        subprocess.run(["scontrol", "requeue", job_id], check=True)  # what preemption with requeue does
+    else:  # what --signal=USR1@120 sends the tasks before the time limit
+        subprocess.run(["scancel", f"--signal={jobs.SIGNAL}", job_id], check=True)
     while _sacct_state(job_id) != "COMPLETED":
         assert time.time() < deadline, f"state {_sacct_state(job_id)}\n{out.read_text()[-4000:]}"
         assert _sacct_state(job_id) not in ("FAILED", "CANCELLED", "NODE_FAIL"), out.read_text()[-4000:]
@@ -104,6 +116,8 @@ def test_preempted_job_is_requeued_and_resumes_exactly(slurm_cluster, tmp_path, 
     log = out.read_text()
     assert "checkpointing at the next step" in log and "resumed from" in log, log[-4000:]
     assert "(restart 1)" in log
+    if stop == "time_limit":  # nothing but rank 0's requeue restarts it
+        assert f"requeueing job {job_id}" in log and "scontrol requeue" not in log, log[-4000:]
     logged = _logged_steps(log)
     assert logged == list(range(1, steps + 1)), logged  # no step twice, none skipped
     assert (tmp_path / "runs" / "demo" / "final" / "student.safetensors").is_file()

@@ -4,8 +4,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from dime_ds.ground.algorithm1 import ground, greedy_ground, greedy_ground_reference, keeps_going
-from dime_ds.ground.search import merge_topk, partial_topk, prepare
+from dime_ds.match.algorithm1 import ground, greedy_ground, greedy_ground_reference, keeps_going
+from dime_ds.knn.search import merge_topk, partial_topk, prepare
 
 SHAPES = [(40, 70, 8), (90, 30, 16), (50, 50, 32), (30, 120, 64)]  # more texts, more images, equal
 

@@ -13,7 +13,7 @@ import pytest
 from dime_ds.cli import run_entry
 from dime_ds.curate import semantic_balance
 from dime_ds.curate.__main__ import main
-from dime_ds.curate.pseudo_labels import PseudoLabels
+from dime_ds.data.pseudo_labels import PseudoLabels
 from dime_ds.data.embeddings import EmbeddingShardWriter
 from dime_ds.data.keep import read_keep_keys
 from dime_ds.data.pipelines import iter_tar_samples

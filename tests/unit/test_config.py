@@ -95,3 +95,64 @@ def test_missing_shards_are_a_user_error():
 
     with pytest.raises(UserError, match="no shards match"):
         list_shards("/nowhere/shard-*.tar")
+
+
+def test_no_yaml_restates_a_schema_default():
+    """Each default lives in the schema alone: a YAML value equal to the schema's default for its key
+    is a second copy that drifts (an experiment that changes it says so, with a different value)."""
+    import yaml
+
+    from dime_ds.config import config_dir
+    from dime_ds.config.demo_schema import DemoRootConfig
+
+    schema = OmegaConf.structured(DemoRootConfig)  # the library's keys and the demo's
+    restated = []
+    for path in sorted(config_dir().rglob("*.yaml")):
+        text = path.read_text()
+        group = path.parent.name if path.parent != config_dir() else None
+        prefix = "" if group in (None, "experiment") or text.startswith("# @package _global_") else f"{group}."
+
+        def walk(node, keys):
+            if isinstance(node, dict):
+                for k, v in node.items():
+                    if k != "defaults":
+                        walk(v, [*keys, str(k)])
+                return
+            key = prefix + ".".join(keys)
+            default = OmegaConf.select(schema, key, throw_on_missing=False, default="<no default>")
+            if OmegaConf.is_config(default):
+                default = OmegaConf.to_container(default)
+            if _same(node, default):
+                restated.append(f"{path.relative_to(config_dir())}: {key}={node!r}")
+
+        walk(yaml.safe_load(text) or {}, [])
+    assert not restated, "YAML values equal to the schema's defaults:\n" + "\n".join(restated)
+
+
+def _same(value, default) -> bool:
+    if isinstance(value, str) and isinstance(default, float):
+        try:
+            value = float(value)  # YAML 1.1 reads 8e-4 as a string; OmegaConf as a float
+        except ValueError:
+            return False
+    return value == default
+
+
+def test_allowed_values_are_enum_fields_and_range_checks_sit_on_the_fields():
+    """A value outside a field's enum is refused while composing, naming the key and the choices; a
+    range rule is the field's own metadata, applied wherever the field is."""
+    with pytest.raises(ConfigError, match=r"(?s)'grounde', expected one of \[pool, grounded\].*curate\.input"):
+        load_config(["curate.input=grounde"])
+    with pytest.raises(ConfigError, match=r"eval\.probe\.val_fraction=1\.5 must lie in \[0, 1\]"):
+        load_config(["eval.probe.val_fraction=1.5"])
+    cfg = load_config(["teacher.shard=zero3"])
+    assert cfg.teacher.shard == "zero3" and f"{cfg.teacher.shard}" == "zero3"  # a member reads as its string
+    assert "shard: zero3" in OmegaConf.to_yaml(cfg)
+
+
+def test_the_library_config_carries_no_demo_section():
+    cfg = load_config([])
+    assert "demo" not in cfg and "root" not in cfg.data and "synthetic" not in cfg.data
+    assert not cfg.eval.datasets  # no suite until one is picked
+    demo = load_config(["experiment=demo"])
+    assert demo.demo.compare and demo.data.synthetic.head_skew > 0 and demo.eval.suite == "synthetic"

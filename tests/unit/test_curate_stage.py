@@ -1,6 +1,6 @@
 """The curation stage end to end in one process (`python -m dime_ds.curate stage=metaclip`): the
 curated corpus is the reference computed with the public functions; reruns and resumes give the
-identical corpus; t from a target size or a tail share; clear errors; and with curate.enabled the
+identical corpus; t from a target size or a tail share; clear errors; and with match.pool=curated the
 embed and match stages ground the curated pool."""
 from __future__ import annotations
 
@@ -176,14 +176,14 @@ def test_embed_and_match_ground_the_curated_pool(tmp_path, tiny_world, tiny_teac
     grounded corpus comes from it."""
     from dime_ds.data.embeddings import EmbeddingCache
     from dime_ds.demo.synthetic import COLOUR_NAMES, SHAPES
-    from dime_ds.match import main as match_main
+    from dime_ds.match.__main__ import main as match_main
 
     meta = tmp_path / "entries.txt"
     meta.write_text("\n".join([*SHAPES, *COLOUR_NAMES]) + "\n")
     base = ["experiment=demo", f"work_dir={tmp_path}", f"data.root={tiny_world}", "device=cpu", "log.progress=false",
             f"curate.metadata={meta}", "curate.t=3"]
     match_args = [*base, f"teacher.arch=local-dir:{tiny_teacher_dir}", "match.topk=4", "match.stop_ratio=1.0"]
-    assert run_entry(match_main, [*match_args, "curate.enabled=true", "stage=embed"]) == 2  # not curated yet
+    assert run_entry(match_main, [*match_args, "match.pool=curated", "stage=embed"]) == 2  # not curated yet
     assert "run `python -m dime_ds.curate stage=metaclip`" in capsys.readouterr().err
     assert run_entry(main, base) == 0
     curated = set(read_corpus(tmp_path / "curated")["samples"])
@@ -191,9 +191,9 @@ def test_embed_and_match_ground_the_curated_pool(tmp_path, tiny_world, tiny_teac
     assert 0 < len(curated) == report["sentences_kept"] < report["sentences"]
     # the raw pool embedded, then matched as if curated: refused
     assert run_entry(match_main, [*match_args, "stage=embed"]) == 0
-    assert run_entry(match_main, [*match_args, "curate.enabled=true", "stage=match"]) == 2
+    assert run_entry(match_main, [*match_args, "match.pool=curated", "stage=match"]) == 2
     assert "not of the curated pool" in capsys.readouterr().err
-    assert run_entry(match_main, [*match_args, "curate.enabled=true", "stage=all"]) == 0
+    assert run_entry(match_main, [*match_args, "match.pool=curated", "stage=all"]) == 0
     assert set(EmbeddingCache(tmp_path / "embeddings/texts").keys()) == curated
     grounded = json.loads((tmp_path / "grounded/assignment.json").read_text())["assignment"]
     assert grounded and set(grounded.values()) <= curated
@@ -204,7 +204,7 @@ def test_the_grounded_corpus_curated_after_match(tmp_path, tiny_world, tiny_teac
     over the grounded corpus, every field of a kept sample as the match stage wrote it; the raw pool
     and the grounded corpus are untouched; each misuse is a message naming the fix."""
     from dime_ds.demo.synthetic import COLOUR_NAMES, SHAPES
-    from dime_ds.match import main as match_main
+    from dime_ds.match.__main__ import main as match_main
 
     meta = tmp_path / "entries.txt"
     meta.write_text("\n".join([*SHAPES, *COLOUR_NAMES]) + "\n")
@@ -220,7 +220,7 @@ def test_the_grounded_corpus_curated_after_match(tmp_path, tiny_world, tiny_teac
     grounded = read_corpus(grounded_dir)
     before = dict(grounded["shards"])
 
-    assert run_entry(main, [*base, "curate.enabled=true"]) == 2
+    assert run_entry(main, [*base, "match.pool=curated"]) == 2
     assert "data.texts=${curate.out_dir}/corpus" in capsys.readouterr().err
     assert run_entry(main, [*base, f"curate.out_dir={grounded_dir}"]) == 2
     assert "over its own input" in capsys.readouterr().err

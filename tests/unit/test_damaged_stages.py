@@ -11,7 +11,7 @@ import pytest
 
 from dime_ds.cli import run_entry
 from dime_ds.data.embeddings import read_manifest
-from dime_ds.match import main
+from dime_ds.match.__main__ import main
 
 
 def _overrides(work, world, teacher, *extra):

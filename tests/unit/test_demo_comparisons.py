@@ -8,7 +8,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from dime_ds.config import ConfigError, load_config
-from dime_ds.config.schema import SyntheticConfig
+from dime_ds.config.demo_schema import DemoComparison, SyntheticConfig
 from dime_ds.demo import synthetic as syn
 from dime_ds.demo.comparisons import COMPARISONS, selected
 from dime_ds.demo.duplicates import balance_scorecard
@@ -26,13 +26,14 @@ def test_selection_keeps_the_registry_order_and_cid_brings_its_balanced_pool():
     assert [c.name for c in selected(["cid"])] == ["balance", "cid"]
     assert selected([]) == []
     assert load_config(["experiment=demo"]).demo.compare == list(COMPARISONS)  # all of them by default
+    assert DemoComparison.values() == tuple(COMPARISONS)  # the config's allowed values are the registry's
     for c in COMPARISONS.values():  # every student's experiment exists and is a DIME-FM run
         for s in c.students:
-            assert load_config([f"experiment={s.experiment}"]).loss.kind == "dime"
+            assert load_config([f"experiment={s.experiment}"]).loss.objective == "dime"
 
 
 def test_an_unknown_comparison_is_refused_with_the_choices():
-    with pytest.raises(ConfigError, match=r"demo.compare has \['cdi'\]; allowed: curation, balance, cid, views"):
+    with pytest.raises(ConfigError, match=r"(?s)'cdi', expected one of \[curation, balance, cid, views\].*demo\.compare"):
         load_config(["experiment=demo", "demo.compare=[views,cdi]"])
 
 

@@ -10,11 +10,11 @@ from dime_ds.demo.teacher import recipe_hash, set_values
 
 def test_a_knob_added_with_its_default_leaves_the_recipe_alone():
     defaults = dataclasses.asdict(LossConfig())
-    values = {**defaults, "kind": "clip"}
+    values = {**defaults, "objective": "clip"}
     old_schema = {k: v for k, v in defaults.items() if k != "w_cluster"}  # before the knob existed
     old_values = {k: v for k, v in values.items() if k != "w_cluster"}
-    assert set_values(values, defaults) == set_values(old_values, old_schema) == {"kind": "clip"}
-    assert set_values({**values, "w_cluster": 0.5}, defaults) == {"kind": "clip", "w_cluster": 0.5}
+    assert set_values(values, defaults) == set_values(old_values, old_schema) == {"objective": "clip"}
+    assert set_values({**values, "w_cluster": 0.5}, defaults) == {"objective": "clip", "w_cluster": 0.5}
 
 
 def test_recipe_changes_with_a_value_that_shapes_the_teacher(tmp_path, tiny_world):

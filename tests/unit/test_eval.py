@@ -163,7 +163,7 @@ def test_linear_probe_separable_and_random_labels():
 
 
 def test_linear_probe_on_labelled_set_beats_chance(tmp_path, tiny_teacher_dir):
-    from dime_ds.config.schema import SyntheticConfig
+    from dime_ds.config.demo_schema import SyntheticConfig
     from dime_ds.demo.synthetic import write_world
     from dime_ds.eval.suite import evaluate_suite
 
@@ -226,8 +226,12 @@ def test_eval_cli_reports_missing_dataset_and_refuses_bad_model(tiny_world, tiny
     assert saved["results"]["model"]["shape"]["n"] == 32
     assert set(saved["results"]["model"]) == {"shape", "colour", "captions", "shape_probe"}
     assert "missing, skipped: colour" in run.stdout
-    bad = subprocess.run([*common, f"model={tmp_path}/no/such/model"], capture_output=True, text=True, timeout=120)
+    bad = subprocess.run([*common, f"model={tmp_path}/no/such/model", "suite=synthetic"], capture_output=True,
+                         text=True, timeout=120)
     assert bad.returncode == 2 and "no/such/model" in bad.stderr and "Traceback" not in bad.stderr
+    no_suite = subprocess.run([sys.executable, "-m", "dime_ds.eval", f"work_dir={tmp_path}", f"model={tiny_teacher_dir}"],
+                              capture_output=True, text=True, timeout=120)
+    assert no_suite.returncode == 2 and "no evaluation datasets: pick a suite" in no_suite.stderr, no_suite.stderr
 
 
 @pytest.mark.parametrize("module", ["dime_ds.eval", "dime_ds.distill"])

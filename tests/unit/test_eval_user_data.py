@@ -67,7 +67,7 @@ def test_suite_file_outside_the_package_is_the_suite(tmp_path, tiny_teacher_dir,
     (["+eval.datasets.mine.path={missing}"], "eval.datasets.mine.path={missing}: no such file or directory"),
     (["+eval.datasets.mine.task=retrieval"], "add its data with +eval.datasets.mine.path=DIR"),
     (["+eval.datasets.mine.path={data}", "+eval.datasets.mine.task=zero_shot"],
-     "eval.datasets.mine.task='zero_shot' is not one of"),
+     "eval.datasets.mine.task='zero_shot': Invalid value 'zero_shot', expected one of [zeroshot, retrieval, linear_probe]"),
     (["suite={missing}.yaml"], "suite={missing}.yaml: no such suite file (shipped suites, by name: elevater"),
     (["eval.suite={tmp}/typo.yaml"], "suite file {tmp}/typo.yaml, key datasets.colours.tsk: Key 'tsk'"),
     (["suite={tmp}/no_path.yaml"], "suite file {tmp}/no_path.yaml: dataset colours has no path"),
@@ -86,14 +86,14 @@ def test_a_suite_file_is_not_left_behind_for_the_next_config(tmp_path, user_imag
     suite = tmp_path / "once.yaml"
     suite.write_text(f"suite: once\ndatasets:\n  colours: {{path: {user_imagefolder}}}\n")
     assert load_config([f"eval={suite}"]).eval.suite == "once"
-    assert load_config([]).eval.suite == "synthetic"
+    assert load_config([]).eval.suite == "none" and not load_config([]).eval.datasets  # the default again
     with pytest.raises(ConfigError) as err:
         load_config(["eval=elevatr"])
     assert "_suite_file" not in str(err.value) and "elevater" in str(err.value)
 
 
 def _train(rank, world_size, overrides):
-    from dime_ds.engine.run import run_training
+    from dime_ds.training import run_training
 
     return run_training(load_config(overrides))
 

@@ -50,7 +50,7 @@ def quickgelu_teacher_dir(tmp_path_factory):
 
 
 def _train(rank, world_size, overrides):
-    from dime_ds.engine.run import run_training
+    from dime_ds.training import run_training
 
     return run_training(load_config(overrides))
 
@@ -215,6 +215,32 @@ def test_unknown_tag_lists_the_tags(run_text_own):
         resolve_checkpoint(run_text_own, tag="step_99999999")
     with pytest.raises(CheckpointError, match="no DeepSpeed `latest`"):
         fp32_state_dict(run_text_own)  # a run dir is not a checkpoint dir
+
+
+def test_resume_and_consolidation_read_the_layout_alike(tmp_path):
+    from dime_ds.engine.checkpoint import resolve_tag
+
+    ckpt = tmp_path / "checkpoints"
+    (ckpt / "step_00000002").mkdir(parents=True)
+    (ckpt / "step_00000002" / "mp_rank_00_model_states.pt").write_bytes(b"")
+    (ckpt / "step_00000004").mkdir()  # a save killed before DeepSpeed's files
+    assert resolve_tag(ckpt, "latest") is None  # nothing saved yet: a resume starts at step 0
+    with pytest.raises(CheckpointError, match="no DeepSpeed `latest`.*tags in it: step_00000002$"):
+        fp32_state_dict(ckpt)
+    for missing in ("step_00000004", "step_00000009"):
+        with pytest.raises(CheckpointError, match=f"{ckpt}: no checkpoint {missing}") as resumed:
+            resolve_tag(ckpt, missing)
+        with pytest.raises(CheckpointError) as consolidated:
+            fp32_state_dict(ckpt, missing)
+        assert str(resumed.value) == str(consolidated.value)
+    (ckpt / "latest").write_text("step_00000004")
+    with pytest.raises(CheckpointError, match="`latest` file names 'step_00000004'") as resumed:
+        resolve_tag(ckpt, "latest")
+    with pytest.raises(CheckpointError) as consolidated:
+        fp32_state_dict(ckpt)
+    assert str(resumed.value) == str(consolidated.value)
+    (ckpt / "latest").write_text("step_00000002\n")
+    assert resolve_tag(ckpt, "latest") == "step_00000002"
 
 
 def test_non_empty_out_dir_is_refused_without_force(run_text_own, tmp_path, capsys):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from dime_ds.config import load_config
-from dime_ds.log.flops import ModelFlops, count_flops, student_flops, teacher_flops
+from dime_ds.models.flops import ModelFlops, count_flops, student_flops, teacher_flops
 from dime_ds.models.student import build_student, student_model_cfg
 
 

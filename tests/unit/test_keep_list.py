@@ -71,7 +71,7 @@ def test_keep_list_lookup_pickle_and_errors(kept, tmp_path):
 
 def _train(rank, world_size, overrides):
     from dime_ds.config import load_config
-    from dime_ds.engine.run import run_training
+    from dime_ds.training import run_training
 
     return run_training(load_config(overrides))
 

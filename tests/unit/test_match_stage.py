@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from dime_ds.cli import run_entry
-from dime_ds.match import main, split_stage
+from dime_ds.match.__main__ import main, split_stage
 
 
 def _overrides(work, world, teacher, *extra):
@@ -39,7 +39,7 @@ def _text_meta(world: Path) -> dict:
 
 def test_outputs_are_consistent(matched, tiny_world):
     from dime_ds.data.embeddings import EmbeddingCache
-    from dime_ds.ground.algorithm1 import greedy_ground_reference
+    from dime_ds.match.algorithm1 import greedy_ground_reference
 
     out = matched / "grounded"
     report = json.loads((out / "report.json").read_text())

@@ -12,7 +12,7 @@ import torch
 
 from dime_ds.config import ConfigError
 from dime_ds.config.schema import LossConfig
-from dime_ds.curate.pseudo_labels import write_pseudo_labels
+from dime_ds.data.pseudo_labels import write_pseudo_labels
 from dime_ds.losses import functional
 from tests.accumulate_fixtures import (DIM, LOSS_CFG, TensorCid, TinyStudent, accumulated_step, assert_grads_close,
                                       global_batch, grads, plain_step, split)
@@ -56,7 +56,7 @@ def test_zero_weights_leave_the_dime_loss_bit_identical(cluster_dir):
 
 
 def test_labels_come_from_the_keys_and_the_terms_are_functional(cluster_dir):
-    from dime_ds.curate.pseudo_labels import PseudoLabels
+    from dime_ds.data.pseudo_labels import PseudoLabels
 
     batch = _batch(seed=3)
     objective = TensorCid(_cfg(w_cluster=1.0, w_instance=1.0, cluster_margin=0.2), cluster_dir)
@@ -106,7 +106,7 @@ def test_config_refuses_cid_terms_it_cannot_run():
 
     with pytest.raises(ConfigError, match="loss.learn_centres=true .* loss.w_cluster=0"):
         load_config(["experiment=demo", "loss.learn_centres=true"])
-    with pytest.raises(ConfigError, match="loss.kind=clip"):
+    with pytest.raises(ConfigError, match="loss.objective=clip"):
         load_config(["experiment=demo_baseline", "loss.w_instance=0.5"])
     with pytest.raises(ConfigError, match="loss.cluster_sample_rate"):
         load_config(["experiment=demo_cid", "loss.cluster_sample_rate=0"])

@@ -1,5 +1,5 @@
 import numpy as np, pytest
-from dime_ds.curate.pseudo_labels import PseudoLabels, PseudoLabelError, write_pseudo_labels, UNLABELLED
+from dime_ds.data.pseudo_labels import PseudoLabels, PseudoLabelError, write_pseudo_labels, UNLABELLED
 def test_roundtrip(tmp_path):
     c = np.random.default_rng(0).normal(size=(3, 4))
     write_pseudo_labels(tmp_path, ["a", "b", "c"], np.array([2, 0, 1]), c, {"seed": 1})

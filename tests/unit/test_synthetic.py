@@ -11,7 +11,7 @@ import pytest
 import webdataset as wds
 from omegaconf import OmegaConf
 
-from dime_ds.config.schema import SyntheticConfig
+from dime_ds.config.demo_schema import SyntheticConfig
 from dime_ds.demo import synthetic as syn
 from dime_ds.data.pipelines import decode_sample
 from dime_ds.data.shards import list_shards, sha256_file

@@ -4,14 +4,13 @@ counts, sentences kept, similarity statistics and histogram, 10 examples; `kinds
 json's "kind" field (the synthetic world labels its sentences) over the corpus and the kept set."""
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
-from dime_ds.data.embeddings import atomic_write
+from dime_ds import atomic
 
 REPORT_VERSION = 1
 N_EXAMPLES = 10
@@ -161,10 +160,5 @@ def write_report(out_dir: str | os.PathLike, report: dict, kept_sims: np.ndarray
         png = histogram_png(hist["counts"], hist["edges"], out_dir / "similarity_hist.png")
     if tensorboard:
         _tensorboard(out_dir / "tensorboard", report, kept_sims, png)
-    write_text(out_dir / "report.json", json.dumps(report, indent=1) + "\n")
-    write_text(out_dir / "report.md", _markdown(report))
-
-
-def write_text(path: Path, text: str) -> None:
-    """Atomically (see data.embeddings.atomic_write)."""
-    atomic_write(path, lambda f: f.write(text.encode("utf-8")))
+    atomic.write_json(out_dir / "report.json", report)
+    atomic.write_text(out_dir / "report.md", _markdown(report))

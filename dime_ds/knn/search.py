@@ -128,7 +128,7 @@ def gpu_count(use_gpu: bool | None = None) -> int:
     return n
 
 
-def _to_gpus(index, ngpu: int):
+def to_gpus(index, ngpu: int):
     """The CPU index cloned onto all GPUs; several GPUs shard it (each holds a slice of the rows)."""
     faiss = _faiss()
     options = faiss.GpuMultipleClonerOptions()
@@ -142,7 +142,7 @@ def flat_index(base: np.ndarray, ngpu: int = 0, k: int = 1):
     index = faiss.IndexFlatIP(base.shape[1])
     index.add(np.ascontiguousarray(base, dtype=np.float32))
     if ngpu and k <= GPU_MAX_K:
-        index = _to_gpus(index, ngpu)
+        index = to_gpus(index, ngpu)
     return index
 
 
@@ -296,7 +296,7 @@ class IVFSearcher:
             self.cpu_index.add(block)
         self.cpu_index.nprobe = self.nprobe
         self._quantizer = quantizer  # the IVF index does not own it from Python
-        self.index = _to_gpus(self.cpu_index, ngpu) if ngpu else self.cpu_index
+        self.index = to_gpus(self.cpu_index, ngpu) if ngpu else self.cpu_index
         if ngpu:
             _faiss().GpuParameterSpace().set_index_parameter(self.index, "nprobe", self.nprobe)
         self.searches = 0

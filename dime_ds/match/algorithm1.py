@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from tqdm import tqdm
 
-from dime_ds.ground.search import IVFSearcher, Rows, Searcher, gpu_count, merge_topk, prepare
+from dime_ds.knn.search import IVFSearcher, Rows, Searcher, gpu_count, merge_topk, prepare
 
 log = logging.getLogger(__name__)
 

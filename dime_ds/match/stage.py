@@ -14,7 +14,6 @@ over the shared memory-mapped caches, and writes the outputs; every rank returns
 index=ivf (approximate) runs on rank 0 alone."""
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
@@ -24,11 +23,12 @@ from typing import TYPE_CHECKING
 import numpy as np
 from tqdm import tqdm
 
+from dime_ds import atomic
 from dime_ds.data.embeddings import EmbeddingCache, open_image_text_caches
 from dime_ds.distributed.stage import StageContext, agreed, gather_to_main, on_main, stage
-from dime_ds.ground.corpus import write_grounded_corpus
-from dime_ds.ground.report import (REPORT_VERSION, build_report, damaged_shards, example_rows, kept_similarities,
-                                   write_report, write_text)
+from dime_ds.match.corpus import write_grounded_corpus
+from dime_ds.match.report import (REPORT_VERSION, build_report, damaged_shards, example_rows, kept_similarities,
+                                   write_report)
 
 if TYPE_CHECKING:
     from dime_ds.config.schema import MatchConfig, RootConfig
@@ -50,7 +50,7 @@ def rank_partial_topk(images: EmbeddingCache, texts: EmbeddingCache, start: int,
     """Exact top-k (global ids) of every image among text rows [start, stop): the rows are read in
     blocks of `block_size`, the images in chunks of `image_chunk`, and the parts merged (search.py's
     multi-node plan, one node's share)."""
-    from dime_ds.ground.search import merge_topk, partial_topk
+    from dime_ds.knn.search import merge_topk, partial_topk
 
     n_img = len(images)
     best_s = np.full((n_img, k), -np.inf, np.float32)
@@ -92,15 +92,13 @@ def load_text_map(match_cfg: MatchConfig, images: EmbeddingCache, texts: Embeddi
 
 def _write_assignment(out_dir: Path, assignment: np.ndarray, image_cache: EmbeddingCache,
                       text_cache: EmbeddingCache, image_keys: list[str], text_keys: list[str]) -> None:
-    tmp = out_dir / "assignment.npy.tmp"
-    with open(tmp, "wb") as f:
-        np.save(f, assignment.astype(np.int64), allow_pickle=False)
-    os.replace(tmp, out_dir / "assignment.npy")
+    assignment = assignment.astype(np.int64)
+    atomic.write_bytes(out_dir / "assignment.npy", lambda f: np.save(f, assignment, allow_pickle=False))
     matched = np.flatnonzero(assignment >= 0)
-    write_text(out_dir / "assignment.json", json.dumps({
+    atomic.write_json(out_dir / "assignment.json", {
         "format_version": REPORT_VERSION, "images_embed_dir": str(image_cache.directory),
         "texts_embed_dir": str(text_cache.directory), "images": len(image_keys), "matched": len(matched),
-        "assignment": {image_keys[i]: text_keys[assignment[i]] for i in matched.tolist()}}, indent=1) + "\n")
+        "assignment": {image_keys[i]: text_keys[assignment[i]] for i in matched.tolist()}})
 
 
 def write_outputs(out_dir: str | os.PathLike, result, image_cache: EmbeddingCache, text_cache: EmbeddingCache,
@@ -132,16 +130,16 @@ def _open_inputs(cfg: RootConfig) -> tuple[EmbeddingCache, EmbeddingCache, np.nd
 
 
 def check_pool(cfg: RootConfig, texts: EmbeddingCache) -> None:
-    """With curate.enabled the text cache must hold the curated pool: one embedded before curation
+    """With match.pool=curated the text cache must hold the curated pool: one embedded before curation
     would ground the raw pool."""
-    from dime_ds.curate.pool import CuratedPoolError, curated_dir, text_pool
+    from dime_ds.data.text_pool import CuratedPoolError, curated_dir, text_pool
 
-    if not cfg.curate.enabled:
+    if cfg.match.pool != "curated":
         return
     pool = Path(text_pool(cfg)).resolve()
     stray = [r["source"] for r in texts.manifest["shards"] if Path(r["source"]).resolve().parent != pool]
     if stray:
-        raise CuratedPoolError(f"curate.enabled=true but the text embeddings in {texts.directory} are of "
+        raise CuratedPoolError(f"match.pool=curated but the text embeddings in {texts.directory} are of "
                                f"{stray[0]}, not of the curated pool {curated_dir(cfg)}: run stage=embed again")
 
 
@@ -173,8 +171,8 @@ def run_match_stage(cfg: RootConfig) -> dict:
     """`python -m dime_ds.match stage=match`: Algorithm 1 over the embed stage's caches, on every rank
     of the job (see the module docstring; a process group is made when the world has several ranks
     and none exists). A failure on any rank is raised on every rank. Returns rank 0's report."""
-    from dime_ds.ground.algorithm1 import ground
-    from dime_ds.ground.search import merge_topk
+    from dime_ds.match.algorithm1 import ground
+    from dime_ds.knn.search import merge_topk
 
     started = time.perf_counter()
     m = cfg.match

@@ -1,5 +1,5 @@
 """Which sentences a stage reads: the raw pool (data.corpus, else data.texts), or, with
-curate.enabled, the curated pool the curation stage wrote into <curate.out_dir>/corpus; and what the
+match.pool=curated, the curated pool the curation stage wrote into <curate.out_dir>/corpus; and what the
 curation stage itself balances (curate.input).
 
 Pipeline shape (curate.input=pool, the default): curate -> embed -> match -> distill. Curation reads
@@ -29,7 +29,7 @@ DONE = "curate.json"  # written last by the curation stage: the curated pool is 
 
 
 class CuratedPoolError(UserError, FileNotFoundError):
-    """A sentence pool that is not there: none configured, or curate.enabled naming a curated pool
+    """A sentence pool that is not there: none configured, or match.pool=curated naming a curated pool
     that the curation stage has not (completely) written."""
 
 
@@ -67,9 +67,9 @@ def curated_dir(cfg: RootConfig) -> Path:
 
 def text_pool(cfg: RootConfig) -> str:
     """The sentence shards the embed stage embeds and the match stage grounds."""
-    if not cfg.curate.enabled:
+    if cfg.match.pool != "curated":
         return raw_pool(cfg)
     if not (Path(cfg.curate.out_dir) / DONE).is_file():
-        raise CuratedPoolError(f"curate.enabled=true but {cfg.curate.out_dir} holds no finished curation "
+        raise CuratedPoolError(f"match.pool=curated but {cfg.curate.out_dir} holds no finished curation "
                                f"({DONE}): run `python -m dime_ds.curate stage=metaclip` (same overrides) first")
     return str(curated_dir(cfg))

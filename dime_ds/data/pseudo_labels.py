@@ -15,7 +15,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from dime_ds.data.embeddings import atomic_write
+from dime_ds import atomic
 from dime_ds.data.key_index import KeyIndex
 from dime_ds.errors import UserError
 
@@ -47,16 +47,13 @@ def write_pseudo_labels(out_dir: str | os.PathLike, keys: Sequence[str], labels:
     out.mkdir(parents=True, exist_ok=True)
     (out / MANIFEST).unlink(missing_ok=True)  # incomplete until the new manifest lands
 
-    def npz(f):
-        buf = io.BytesIO()
-        np.savez(buf, keys=keys, labels=labels.astype(np.int32))
-        f.write(buf.getvalue())
-
-    atomic_write(out / CENTROIDS, lambda f: np.save(f, centroids, allow_pickle=False))
-    atomic_write(out / LABELS, npz)
+    npz = io.BytesIO()
+    np.savez(npz, keys=keys, labels=labels.astype(np.int32))
+    atomic.write_bytes(out / CENTROIDS, lambda f: np.save(f, centroids, allow_pickle=False))
+    atomic.write_bytes(out / LABELS, npz.getvalue())
     manifest = {"format_version": FORMAT_VERSION, "k": int(len(centroids)), "dim": int(centroids.shape[1]),
                 "count": int(len(keys)), **dict(meta or {})}
-    atomic_write(out / MANIFEST, lambda f: f.write(json.dumps(manifest, indent=2).encode()))
+    atomic.write_json(out / MANIFEST, manifest, indent=2)
     return manifest
 
 

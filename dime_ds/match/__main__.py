@@ -28,7 +28,7 @@ def main(overrides: Sequence[str]) -> int:
 
             run_embed_stage(cfg)
         if cfg.match.stage in ("match", "all"):
-            from dime_ds.ground.stage import run_match_stage
+            from dime_ds.match.stage import run_match_stage
 
             run_match_stage(cfg)
     return 0

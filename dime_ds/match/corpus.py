@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from collections import Counter
 from pathlib import Path
 from typing import Sequence
@@ -20,6 +19,7 @@ from typing import Sequence
 import numpy as np
 from tqdm import tqdm
 
+from dime_ds import atomic
 from dime_ds.data.embeddings import EmbeddingCache
 from dime_ds.data.pipelines import SampleError, decode_sample, iter_tar_samples
 from dime_ds.data.shards import ShardWriter, sha256_file
@@ -43,12 +43,10 @@ def write_grounded_corpus(text_cache: EmbeddingCache, assignment: np.ndarray, im
     wanted = set(int(w) for w in wanted_texts)
     texts: dict[int, str] = {}
     kinds_all, kinds_kept = Counter(), Counter()
-    final, staging = out_dir / "corpus", out_dir / "corpus.tmp"
-    shutil.rmtree(staging, ignore_errors=True)
+    final = out_dir / "corpus"
     written, start = 0, 0
     keys = text_cache.keys()
-    writer = ShardWriter(staging, prefix="grounded", maxcount=shard_size)
-    try:
+    with atomic.staged_dir(final) as staging, ShardWriter(staging, prefix="grounded", maxcount=shard_size) as writer:
         records = text_cache.manifest["shards"]
         for record in tqdm(records, desc="grounded corpus", disable=not progress):
             rows = {key: start + i for i, key in enumerate(keys[start:start + record["count"]])}
@@ -93,16 +91,9 @@ def write_grounded_corpus(text_cache: EmbeddingCache, assignment: np.ndarray, im
                 writer.write(raw["__key__"], {"txt": text, "json": json.dumps(info, sort_keys=True)})
                 written += 1
         writer.close()
-    except BaseException:
-        writer.abort()
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    if written != len(matched):
-        shutil.rmtree(staging, ignore_errors=True)
-        raise CorpusSourceError(f"{len(matched)} sentences were assigned but only {written} were found in the "
-                                "source shards of the text cache: the shards changed; run stage=embed again")
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(staging, final)
+        if written != len(matched):
+            raise CorpusSourceError(f"{len(matched)} sentences were assigned but only {written} were found in the "
+                                    "source shards of the text cache: the shards changed; run stage=embed again")
     shards = [str(final / Path(p).name) for p in writer.paths]
     return {"dir": str(final), "shards": shards, "counts": list(writer.counts), "texts": texts,
             "kinds": {"corpus": dict(kinds_all), "kept": dict(kinds_kept)}}
