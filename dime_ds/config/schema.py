@@ -147,9 +147,15 @@ class TeacherConfig:
 
 @dataclass
 class StudentConfig:
-    arch: str = "ViT-B-32"  # OpenCLIP architecture name; ignored when model_cfg is given
+    # An OpenCLIP architecture name (ViT-B-32, RN50, convnext_tiny, MobileCLIP2-S0, ...; timm towers are
+    # built from timm's code, never downloaded) or a path to an OpenCLIP model-config .json file;
+    # ignored when model_cfg is given
+    arch: str = "ViT-B-32"
     model_cfg: Optional[Dict[str, Any]] = None  # inline OpenCLIP model config (embed_dim, vision_cfg, text_cfg)
     text: StudentText = StudentText.teacher
+    # Local weights to start the image tower from (.safetensors, or a torch file read weights-only): a
+    # timm or OpenCLIP state dict; keys are matched to the tower and the match is reported. null: random
+    init_image: Optional[str] = None
 
 
 @dataclass

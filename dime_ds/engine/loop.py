@@ -111,7 +111,8 @@ class Trainer:
             # the counted copies' initialisers draw nothing from the run's CPU RNG (meta tensors use no
             # CUDA generator: devices=[] also spares fork_rng's warning on multi-GPU nodes)
             with torch.random.fork_rng(devices=[]):
-                student = student_flops(lambda: build_run_student(cfg.student, cfg.teacher, self.objective.target_dim),
+                student = student_flops(lambda: build_run_student(cfg.student, cfg.teacher, self.objective.target_dim,
+                                                                  init=False),
                                         with_text=self.student.has_text)
                 return ModelFlops(student=student, teacher=teacher_flops(teacher) if teacher is not None else 0)
         except Exception as err:  # noqa: BLE001 - a readout

@@ -1,10 +1,15 @@
-"""The student: an OpenCLIP image tower (any architecture name or an inline config), randomly
-initialised, plus either its own text tower or none (the teacher's frozen text tower then speaks
-for it). When its embedding width differs from the teacher's, a learned linear projection maps it
-into the teacher's space; export folds that projection into the tower's own."""
+"""The student: any image tower OpenCLIP builds without a download (its ViTs and ResNets, and timm
+towers: MobileCLIP's FastViT MCi, ConvNeXt, MobileNet, ... with timm_model_pretrained false), named,
+inline or from a model-config JSON file, randomly initialised or started from local weights
+(student.init_image); plus either its own text tower or none (the teacher's frozen text tower then
+speaks for it). When its embedding width differs from the teacher's, a learned linear projection
+maps it into the teacher's space; export folds that projection into the tower's last linear map."""
 from __future__ import annotations
 
 import copy
+import json
+import logging
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping, NamedTuple
 
 import open_clip
@@ -17,7 +22,11 @@ from dime_ds.errors import UserError
 if TYPE_CHECKING:
     from dime_ds.config.schema import StudentConfig, TeacherConfig
 
+log = logging.getLogger(__name__)
 OPEN_CLIP_KEYS = ("embed_dim", "vision_cfg", "text_cfg", "quick_gelu", "init_logit_scale")
+# Stands in for a text tower the student never uses (student.text=teacher) when building the real one
+# would need a download (an HF text tower); discarded after construction.
+UNUSED_TEXT_CFG = {"context_length": 2, "vocab_size": 8, "width": 8, "heads": 1, "layers": 1}
 
 
 class StudentConfigError(UserError, ValueError):
@@ -25,19 +34,57 @@ class StudentConfigError(UserError, ValueError):
 
 
 def student_model_cfg(student_cfg: StudentConfig) -> dict:
-    """The OpenCLIP model config of the student section: inline `model_cfg`, else the named arch."""
+    """The OpenCLIP model config of the student section: inline `model_cfg`, else `arch`: a path to an
+    OpenCLIP model-config JSON file, or an architecture name open_clip knows."""
     if student_cfg.model_cfg is not None:
         cfg = OmegaConf.to_container(student_cfg.model_cfg, resolve=True) \
             if OmegaConf.is_config(student_cfg.model_cfg) else copy.deepcopy(dict(student_cfg.model_cfg))
+        where = "student.model_cfg"
+    elif str(student_cfg.arch).endswith(".json") or "/" in str(student_cfg.arch):
+        cfg, where = _config_file(Path(student_cfg.arch).expanduser()), f"student.arch={student_cfg.arch}"
     else:
         cfg = open_clip.get_model_config(student_cfg.arch)
         if cfg is None:
             raise StudentConfigError(f"student.arch={student_cfg.arch!r} is not an OpenCLIP architecture "
-                                     f"(open_clip.list_models() lists them), and student.model_cfg is null")
-    if "hf_model_name" in cfg.get("text_cfg", {}) or "timm_model_name" in cfg.get("vision_cfg", {}):
-        raise StudentConfigError(f"student {student_cfg.arch!r}: towers from HF/timm hubs need downloads; "
-                                 "use a native OpenCLIP ViT config")
+                                     f"(open_clip.list_models() lists them), a model-config .json file, nor "
+                                     "given inline as student.model_cfg")
+        where = f"student.arch={student_cfg.arch}"
+    missing = [k for k in ("embed_dim", "vision_cfg") if k not in cfg]
+    if missing:
+        raise StudentConfigError(f"{where}: an OpenCLIP model config needs {', '.join(missing)}")
+    _check_towers(cfg, where, student_cfg.text)
     return cfg
+
+
+def _config_file(path: Path) -> dict:
+    if not path.is_file():
+        raise StudentConfigError(f"student.arch={path}: no such model-config file")
+    try:
+        cfg = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise StudentConfigError(f"student.arch={path}: not an OpenCLIP model-config JSON ({err})") from None
+    if not isinstance(cfg, dict):
+        raise StudentConfigError(f"student.arch={path}: not an OpenCLIP model-config JSON (a {type(cfg).__name__})")
+    return cfg
+
+
+def _check_towers(cfg: dict, where: str, text: str) -> None:
+    """Towers built from timm's own code, never downloaded; an HF text tower only from a local directory."""
+    vision = cfg["vision_cfg"]
+    name = vision.get("timm_model_name")
+    if name:
+        import timm
+
+        if not timm.is_model(name):
+            stem = name.split("_")[0]
+            near = ", ".join(timm.list_models(f"{stem}*")[:12]) or "none"
+            raise StudentConfigError(f"{where}: timm knows no model {name!r} (timm models named {stem}*: {near})")
+        vision["timm_model_pretrained"] = False  # a student starts from scratch, or from student.init_image
+    hf = cfg.get("text_cfg", {}).get("hf_model_name")
+    if hf and text == "own" and not Path(hf).expanduser().is_dir():
+        raise StudentConfigError(f"{where}: its text tower is the Hugging Face model {hf!r}, which would be "
+                                 "downloaded: point text_cfg.hf_model_name at a local copy of it (a directory), "
+                                 "or distil the image tower alone with student.text=teacher")
 
 
 class StudentOutput(NamedTuple):
@@ -60,6 +107,8 @@ class Student(nn.Module):
         self.target_dim = int(target_dim or own_dim)
         self.text_mode = text
         kwargs = {k: v for k, v in self.model_cfg.items() if k in OPEN_CLIP_KEYS}
+        if text == "teacher" and "hf_model_name" in kwargs.get("text_cfg", {}):
+            kwargs["text_cfg"] = UNUSED_TEXT_CFG
         # A [1]-shaped logit scale: DeepSpeed's broadcast cannot handle 0-dim parameters.
         clip = open_clip.CustomTextCLIP(**kwargs, nonscalar_logit_scale=True)
         self.visual = clip.visual
@@ -105,10 +154,8 @@ class Student(nn.Module):
                        text_cfg: Mapping[str, Any] | None = None) -> tuple[dict, dict]:
         """(state_dict, model_cfg) of a plain OpenCLIP CustomTextCLIP with projections folded in.
         A student without a text tower takes the teacher's (`text_state` keys without `text.`)."""
-        state = {}
-        for key, value in self.visual.state_dict().items():
-            state[f"visual.{key}"] = value
-        state["visual.proj"] = _fold(self.visual.proj, self.image_proj)
+        state = {f"visual.{key}": value for key, value in self.visual.state_dict().items()}  # buffers too
+        state.update({f"visual.{k}": v for k, v in fold_projection(self.visual, self.image_proj).items()})
         cfg = copy.deepcopy(self.model_cfg)
         cfg["embed_dim"] = self.target_dim
         cfg["custom_text"] = True
@@ -129,10 +176,34 @@ class Student(nn.Module):
 def _fold(tower_proj: torch.Tensor | None, head: nn.Linear | None) -> torch.Tensor:
     """x @ P @ Wᵀ == x @ (P @ Wᵀ): one projection matrix of shape (width, target_dim)."""
     if not isinstance(tower_proj, torch.Tensor):
-        raise NotImplementedError("export needs a tower with a matrix projection (OpenCLIP ViT default)")
+        raise NotImplementedError("export needs a text tower with a matrix projection (OpenCLIP's default)")
     if head is None:
         return tower_proj.detach()
     return tower_proj.detach() @ head.weight.detach().t()
+
+
+def fold_projection(visual: nn.Module, head: nn.Linear | None) -> dict[str, torch.Tensor]:
+    """The tower's entries that change when the student's projection `head` (own -> target width) is
+    folded into the tower's last linear map, so that the tower alone outputs target-width embeddings:
+    a ViT's `proj` matrix (x @ P @ Wᵀ), else the last nn.Linear that outputs the embedding (a ResNet's
+    attention-pool c_proj, a timm tower's head or classifier: W' = H W, b' = H b). {} without a head."""
+    if head is None:
+        return {}
+    proj = getattr(visual, "proj", None)
+    if isinstance(proj, torch.Tensor):
+        return {"proj": _fold(proj, head)}
+    own = head.in_features
+    last = [(name, m) for name, m in visual.named_modules() if isinstance(m, nn.Linear) and m.out_features == own]
+    if not last:
+        raise StudentConfigError(f"this image tower ({type(visual).__name__}) ends in no linear map of width {own} "
+                                 "to fold the projection into: give the student the teacher's embed_dim "
+                                 f"({head.out_features}), so that it needs no projection")
+    name, linear = last[-1]
+    h = head.weight.detach()
+    folded = {f"{name}.weight": h @ linear.weight.detach()}
+    if linear.bias is not None:
+        folded[f"{name}.bias"] = h @ linear.bias.detach()
+    return folded
 
 
 def build_student(student_cfg: StudentConfig, target_dim: int | None = None, quick_gelu: bool | None = None) -> Student:
@@ -150,14 +221,20 @@ def build_student(student_cfg: StudentConfig, target_dim: int | None = None, qui
     return Student(model_cfg, student_cfg.text, target_dim)
 
 
-def build_run_student(student_cfg: StudentConfig, teacher_cfg: TeacherConfig, target_dim: int | None = None
-                      ) -> Student:
+def build_run_student(student_cfg: StudentConfig, teacher_cfg: TeacherConfig, target_dim: int | None = None,
+                      init: bool = True) -> Student:
     """The student a run trains: one that borrows the teacher's text tower takes the teacher's
-    activation, so that the exported model is one coherent OpenCLIP config."""
+    activation, so that the exported model is one coherent OpenCLIP config. `init`: load
+    student.init_image (False where the weights are about to be replaced, or on the meta device)."""
     from dime_ds.models.teacher import teacher_quick_gelu
 
     quick_gelu = teacher_quick_gelu(teacher_cfg) if student_cfg.text == "teacher" else None
-    return build_student(student_cfg, target_dim, quick_gelu)
+    student = build_student(student_cfg, target_dim, quick_gelu)
+    if init and getattr(student_cfg, "init_image", None):
+        from dime_ds.models.init_weights import load_image_tower
+
+        load_image_tower(student.visual, student_cfg.init_image)
+    return student
 
 
 def student_preprocess_cfg(model_cfg: Mapping[str, Any]) -> dict:
