@@ -39,6 +39,18 @@ def _comm_device(t: torch.Tensor) -> torch.device:
     return t.device
 
 
+def broadcast_buffers(module: torch.nn.Module, src: int = 0) -> None:
+    """Rank `src`'s buffers (BatchNorm running statistics) on every rank, in place. Each rank's
+    statistics follow its own micro-batches; a checkpoint and an evaluation need one set."""
+    if not is_distributed() or world_size() == 1:
+        return
+    for buffer in module.buffers():
+        t = buffer.detach().to(_comm_device(buffer))  # the buffer itself where the backend can move it
+        dist.broadcast(t, src)
+        if t.data_ptr() != buffer.data_ptr():
+            buffer.detach().copy_(t)
+
+
 def _all_reduce(t: torch.Tensor, op) -> torch.Tensor:
     """`op` over ranks, out of place, no gradient, on `t`'s device (a CPU tensor is fine on NCCL)."""
     if not is_distributed() or world_size() == 1:

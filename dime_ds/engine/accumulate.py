@@ -10,17 +10,23 @@ One optimizer step over A micro-batches, in two passes:
    of the whole-batch loss.
 The student's stochastic layers (dropout, drop-path) see the same random numbers in both passes:
 each micro-batch's generator state is recorded before its first forward and restored before its
-second, and afterwards the generators continue from where the first pass left them.
+second, and afterwards the generators continue from where the first pass left them. Its running
+statistics (BatchNorm) move once per micro-batch, in the second pass, as in plain accumulation: the
+first pass restores every buffer it changed. A BatchNorm layer in training mode normalises each
+micro-batch by that micro-batch's statistics, as plain accumulation does; so for such a student A
+micro-batches equal a batch A times larger only where BatchNorm would see the same batches.
 
 Nothing here knows DeepSpeed: the trainer hands in its engine's forward and a `backward_and_step`
 that must not rescale the surrogate by the accumulation count (the surrogate's gradient already is
 the whole batch's)."""
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
+from torch import nn
 
 from dime_ds.objectives.base import Objective, StudentForward
 
@@ -53,10 +59,24 @@ class Embedded:
     rng_after: RngState
 
 
-def embed(objective: Objective, forward: StudentForward, batches: Sequence[dict], device: torch.device) -> Embedded:
-    """Pass 1: the student's features of every micro-batch, without gradient."""
+@contextlib.contextmanager
+def buffers_kept(module: nn.Module | None) -> Iterator[None]:
+    """Every buffer of `module` (BatchNorm's running mean, variance and batch count) as it was before."""
+    saved = [(b, b.detach().clone()) for b in module.buffers()] if module is not None else []
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for buffer, value in saved:
+                buffer.copy_(value)
+
+
+def embed(objective: Objective, forward: StudentForward, batches: Sequence[dict], device: torch.device,
+          student: nn.Module | None = None) -> Embedded:
+    """Pass 1: the student's features of every micro-batch, without gradient; `student` (the module
+    behind `forward`) keeps its buffers, so that only pass 2 updates running statistics."""
     features, rng = [], []
-    with torch.no_grad():
+    with torch.no_grad(), buffers_kept(student):
         for batch in batches:
             rng.append(RngState.capture(device))
             features.append(objective.student_features(forward, batch))

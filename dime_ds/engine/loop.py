@@ -28,6 +28,7 @@ from dime_ds.engine.metrics import StepMeter, StepMetrics
 from dime_ds.models.flops import ModelFlops, student_flops, teacher_flops
 from dime_ds.log.tensorboard import TBWriter
 from dime_ds.models import PRECISIONS, build_run_student, precision_for
+from dime_ds.models.precision import batchnorm_in_fp32
 from dime_ds.objectives import RunContext, build_objective
 
 log = logging.getLogger(__name__)
@@ -84,6 +85,8 @@ class Trainer:
                                                          zero3_wrap=zero3_inference))
         torch.manual_seed(cfg.seed)  # identical initial student on every rank
         student = build_run_student(cfg.student, cfg.teacher, self.objective.target_dim)
+        if self.precision.half:
+            batchnorm_in_fp32(student)
         attach_objective_module(student, self.objective.trainable_module(), ds_config)
         self.image_params = sum(p.numel() for m in (student.visual, student.image_proj) if m is not None
                                 for p in m.parameters())
@@ -141,9 +144,11 @@ class Trainer:
             if self._due(step, cfg.log.every_n_steps):
                 summary["loss"] = self._log(step, losses, bar)
             if self.evaluate is not None and cfg.eval.every_n_steps and self._due(step, cfg.eval.every_n_steps):
+                C.broadcast_buffers(self.student)  # one set of running statistics: rank 0's
                 summary["eval"] = self.evaluate(self, step)
             stop = self.stop.any_rank()
             if stop or self._due(step, cfg.ckpt.every_n_steps):
+                C.broadcast_buffers(self.student)  # the checkpoint's statistics are every rank's: resume is exact
                 checkpoint.save(self.engine, cfg.ckpt.dir, step, self.objective.state_dict(), config_yaml,
                                 cfg.ckpt.keep_last)
             if stop:
@@ -189,7 +194,7 @@ class Trainer:
             with self.meter.timed("teacher_s"):
                 targets.append(objective.targets(batches[-1]))
         with self.meter.timed("embed_s"):
-            embedded = accumulate.embed(objective, self.forward, batches, self.device)
+            embedded = accumulate.embed(objective, self.forward, batches, self.device, self.student)
         with self.meter.timed("student_s"):
             return accumulate.backward_each(objective, self.forward, self._backward_and_step, batches, targets,
                                             embedded)

@@ -81,3 +81,39 @@ def lift_scalar_parameters(module: torch.nn.Module) -> int:
                                                         requires_grad=param.requires_grad))
                 lifted += 1
     return lifted
+
+
+class _Fp32Norm:
+    """Mixed into a BatchNorm module's class: the layer computes in fp32 (its input, weight and bias
+    cast up, its fp32 running statistics updated in fp32) and returns the input's dtype. DeepSpeed's
+    half-precision engine casts parameters, not buffers: a BatchNorm with bf16 weights and fp32
+    statistics is refused by torch, and statistics kept in bf16 would stall their running averages."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        params = self._parameters
+        saved = {k: params[k] for k in ("weight", "bias") if params.get(k) is not None}
+        try:
+            for key, p in saved.items():
+                params[key] = p.float()  # a view in the graph: the gradient reaches the half parameter
+            return super().forward(x.float()).to(x.dtype)
+        finally:
+            params.update(saved)
+
+
+@functools.cache
+def _fp32_class(cls: type) -> type:
+    return type(f"Fp32{cls.__name__}", (_Fp32Norm, cls), {})
+
+
+def batchnorm_in_fp32(module: torch.nn.Module) -> int:
+    """Make every BatchNorm layer of `module` (torch's and timm's BatchNormAct) compute in fp32, its
+    running statistics fp32 buffers, whatever dtype the parameters train in. State-dict keys and
+    isinstance checks are unchanged. Returns how many layers."""
+    count = 0
+    for m in module.modules():
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and not isinstance(m, _Fp32Norm):
+            m.__class__ = _fp32_class(type(m))
+            if m.running_mean is not None:
+                m.running_mean.data, m.running_var.data = m.running_mean.float(), m.running_var.float()
+            count += 1
+    return count
