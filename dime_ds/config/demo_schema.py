@@ -45,6 +45,7 @@ class DemoComparison(Choice):
     balance = "balance"  # CLIP-CID's semantic balance of the images
     cid = "cid"  # CLIP-CID's cluster and instance terms on the balanced pool (implies balance)
     views = "views"  # the teacher cached as one plain view (no augmentation) and as 4 augmented views
+    families = "families"  # a second student family: a MobileNet-style timm tower beside the ViT
 
 
 @dataclass

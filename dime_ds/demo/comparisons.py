@@ -183,7 +183,45 @@ class Views(Comparison):
         return lines, {"samples_per_s": speeds, "embed": prepared["embed"]}
 
 
-COMPARISONS = {c.name: c for c in (Curation(), Balance(), Cid(), Views())}
+class Families(Comparison):
+    """Students of any shape #24: a MobileNet-style timm tower with BatchNorm (demo_mobile) distilled
+    beside the ViT student from the same teacher and grounded corpus; what a user picks a student by:
+    image-tower parameters, forward FLOPs per image and CPU latency, beside zero-shot."""
+
+    name = "families"
+    students = (Student("student DIME-FM (timm MobileNet)", "demo_mobile"),)
+    BATCHES = (1, 32)
+
+    def lines(self, cfgs, raw, prepared, results, summaries):
+        import torch
+        from safetensors.torch import load_file
+
+        from dime_ds.engine.consolidate import student_from_state
+        from dime_ds.models.latency import image_forward_flops, latency_ms
+
+        rows, record = [], {}
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)  # one core each: comparable across models, whatever else runs
+        try:
+            for column, cfg in ((RAW_COLUMN, raw), (self.students[0].column, cfgs["demo_mobile"])):
+                student = student_from_state(cfg, load_file(summaries[column]["final_weights"]))
+                size = int(student.model_cfg["vision_cfg"]["image_size"])
+                r = {"image_params": summaries[column].get("image_params", 0),
+                     "flops_per_image": image_forward_flops(student.encode_image, size),
+                     **{f"latency_ms_batch{b}": latency_ms(student.encode_image, torch.zeros(b, 3, size, size))
+                        for b in self.BATCHES},
+                     "zero_shot_shape": results[column]["shape"]["top1"]}
+                record[column] = r
+                rows.append(f"  {column}: {r['image_params'] / 1e6:.2f}M image params, "
+                            f"{r['flops_per_image'] / 1e6:.1f} MFLOPs/image, CPU latency (1 thread, eager fp32) "
+                            + ", ".join(f"batch {b} {r[f'latency_ms_batch{b}']:.2f} ms" for b in self.BATCHES)
+                            + f", zero-shot shape {100 * r['zero_shot_shape']:.1f} %")
+        finally:
+            torch.set_num_threads(threads)
+        return ["\nStudent families (the same teacher, grounded corpus and schedule):", *rows], record
+
+
+COMPARISONS = {c.name: c for c in (Curation(), Balance(), Cid(), Views(), Families())}
 
 
 def selected(names) -> list[Comparison]:

@@ -30,14 +30,14 @@ def test_demo_end_to_end_then_reuses_teacher(tmp_path):
               "student DIME-FM (curated grounded)",
               "student DIME-FM (balanced images)", "student DIME-FM + CID (balanced)",
               "student DIME-FM (cache K=1, no aug)", "student DIME-FM (cache K=4 views)",
-              "student from scratch (paired)")
+              "student DIME-FM (timm MobileNet)", "student from scratch (paired)")
     for column in models:
         assert column in first.stdout
     for row in ("zero-shot top-1", "image->text R@1", "linear probe top-1", "image params"):
         assert row in first.stdout
     results = json.loads((tmp_path / "runs" / "demo" / "demo_results.json").read_text())
     assert list(results["eval"]) == list(models)
-    assert results["compare"] == ["curation", "balance", "cid", "views"]
+    assert results["compare"] == ["curation", "balance", "cid", "views", "families"]
     for per_set in results["eval"].values():
         for name in ("shape", "colour"):
             metrics = per_set[name]
@@ -72,10 +72,17 @@ def test_demo_end_to_end_then_reuses_teacher(tmp_path):
     # The teacher cache: K=1 without augmentation, K=4 views with it, each faster than the live teacher
     assert "Teacher cache" in first.stdout
     assert results["views"]["embed"]["images"]["views"] == 4
+    # A second student family: a timm tower with BatchNorm, with what a user picks a student by
+    assert "Student families" in first.stdout
+    family = results["families"]
+    for column in ("student DIME-FM (raw pool)", "student DIME-FM (timm MobileNet)"):
+        r = family[column]
+        assert r["image_params"] > 0 and r["flops_per_image"] > 0 and 0 < r["latency_ms_batch1"]
+        assert r["zero_shot_shape"] == results["eval"][column]["shape"]["top1"]
     saved = json.loads((tmp_path / "runs" / "demo" / "eval" / "synthetic.json").read_text())
     assert saved["results"] == results["eval"]
     for run in ("demo", "demo_curated", "demo_curated_grounded", "demo_balanced", "demo_cid", "demo_cached",
-                "demo_views", "demo_baseline"):
+                "demo_views", "demo_mobile", "demo_baseline"):
         assert (tmp_path / "runs" / run / "config.yaml").is_file()
         assert (tmp_path / "runs" / run / "final" / "student.safetensors").is_file()
         assert list((tmp_path / "runs" / run / "tensorboard").glob("events.out.tfevents.*"))
