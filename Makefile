@@ -21,7 +21,7 @@ venv: $(STAMP)
 # the same package with the `gpu` extra instead of `cpu` (README.md, "Installing on a cluster").
 $(STAMP): pyproject.toml setup.py
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[cpu,dev]'
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[cpu,dev,deploy]'
 	touch $@
 
 bench: $(STAMP)

@@ -71,20 +71,21 @@ def model_cfgs(args) -> tuple[dict, dict]:
     """(teacher, student) OpenCLIP model configs: named architectures, or the demo's with --tiny."""
     import open_clip
 
+    from omegaconf import OmegaConf
+
     from dime_ds.config import load_config
+    from dime_ds.config.schema import StudentConfig
     from dime_ds.models.student import student_model_cfg
 
     if args.tiny:
         teacher = student_model_cfg(load_config(["experiment=demo_teacher"]).student)
         student = student_model_cfg(load_config(["experiment=demo"]).student)
         return teacher, student
-    cfgs = []
-    for name in (args.teacher, args.student):
-        cfg = open_clip.get_model_config(name)
-        if cfg is None:
-            raise SystemExit(f"{name!r} is not an OpenCLIP architecture (open_clip.list_models())")
-        cfgs.append(cfg)
-    return cfgs[0], cfgs[1]
+    teacher = open_clip.get_model_config(args.teacher)
+    if teacher is None:
+        raise SystemExit(f"{args.teacher!r} is not an OpenCLIP architecture (open_clip.list_models())")
+    # the student as dime_ds takes it: a name (timm towers included) or a model-config .json file
+    return teacher, student_model_cfg(OmegaConf.structured(StudentConfig(arch=args.student, text="own")))
 
 
 def prepare(work: Path, args) -> dict:
@@ -255,7 +256,9 @@ def ratio(rows: dict, num: list[str], den: list[str]) -> float | None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--teacher", default="ViT-B-32", help="OpenCLIP architecture of the (random) teacher")
-    parser.add_argument("--student", default="ViT-S-32", help="OpenCLIP architecture of the student")
+    parser.add_argument("--student", default="ViT-S-32",
+                        help="the student: an OpenCLIP architecture (timm towers too: convnext_tiny, "
+                             "MobileCLIP2-S0) or a model-config .json")
     parser.add_argument("--tiny", action="store_true",
                         help="the demo's teacher and student configs (32 px): a one-minute smoke run")
     parser.add_argument("--batch", type=int, default=32)
