@@ -77,10 +77,11 @@ def model_cfgs(args) -> tuple[dict, dict]:
     from dime_ds.config.schema import StudentConfig
     from dime_ds.models.student import student_model_cfg
 
-    if args.tiny:
+    if args.tiny:  # the demo's models at 32 px; --student replaces the demo's student
         teacher = student_model_cfg(load_config(["experiment=demo_teacher"]).student)
-        student = student_model_cfg(load_config(["experiment=demo"]).student)
-        return teacher, student
+        if not args.student:
+            return teacher, student_model_cfg(load_config(["experiment=demo"]).student)
+        return teacher, student_model_cfg(OmegaConf.structured(StudentConfig(arch=args.student, text="own")))
     teacher = open_clip.get_model_config(args.teacher)
     if teacher is None:
         raise SystemExit(f"{args.teacher!r} is not an OpenCLIP architecture (open_clip.list_models())")
@@ -149,7 +150,7 @@ def prepare(work: Path, args) -> dict:
 
 
 def dime_common(world: dict, args) -> list[str]:
-    student = ["student.text=own"] if args.tiny else \
+    student = ["student.text=own"] if args.tiny and not args.student else \
         ["student.model_cfg=null", f"student.arch={args.student}", "student.text=own"]
     total = args.warmup + args.steps
     return ["experiment=demo", f"work_dir={world['work']}", f"teacher.arch=local-dir:{world['teacher']}",
@@ -256,9 +257,9 @@ def ratio(rows: dict, num: list[str], den: list[str]) -> float | None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--teacher", default="ViT-B-32", help="OpenCLIP architecture of the (random) teacher")
-    parser.add_argument("--student", default="ViT-S-32",
+    parser.add_argument("--student", default=None,
                         help="the student: an OpenCLIP architecture (timm towers too: convnext_tiny, "
-                             "MobileCLIP2-S0) or a model-config .json")
+                             "MobileCLIP2-S0) or a model-config .json (default ViT-S-32; with --tiny the demo's)")
     parser.add_argument("--tiny", action="store_true",
                         help="the demo's teacher and student configs (32 px): a one-minute smoke run")
     parser.add_argument("--batch", type=int, default=32)
@@ -275,6 +276,8 @@ def main() -> int:
     parser.add_argument("--work", help="keep the world, logs and traces here (default: a temporary directory)")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "peer_distill.json"))
     args = parser.parse_args()
+    if args.student is None and not args.tiny:
+        args.student = "ViT-S-32"
     from dime_ds.log.table import format_table
 
     with tempfile.TemporaryDirectory(prefix="dime_peer_") as tmp:
@@ -292,7 +295,8 @@ def main() -> int:
 
     live_peer = ratio(rows, ["dime_live"], ["ocl_fp32", "ocl_amp_bf16"])
     cached_bare = ratio(rows, ["dime_cache"], ["bare_bf16", "bare_amp_bf16"])
-    arch = "demo teacher -> demo_small student (--tiny)" if args.tiny else f"{args.teacher} -> {args.student}"
+    student = args.student or "demo_small"
+    arch = f"demo teacher -> {student} student (--tiny)" if args.tiny else f"{args.teacher} -> {student}"
     mfu = ["MFU"] if args.peak_tflops else []
     table = format_table(["what", "samples/s", "median step s", "min-max step s", "model TFLOP/s", *mfu, "wall s"],
                          [[r["what"], f"{r['samples_per_s']:.2f}", f"{r['median_step_s']:.3f}",
@@ -309,7 +313,7 @@ def main() -> int:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"teacher": "demo_teacher" if args.tiny else args.teacher,
-                               "student": "demo_small" if args.tiny else args.student, "tiny": args.tiny,
+                               "student": args.student or "demo_small", "tiny": args.tiny,
                                "batch": args.batch, "steps": args.steps, "warmup": args.warmup,
                                "workers": args.workers, "threads": args.threads, "cpus": os.cpu_count(), "dime_overrides": args.dime_override,
                                "model_flops_per_sample": flops, "peak_tflops": args.peak_tflops,
