@@ -108,10 +108,11 @@ def sbatch_job_id(environ: Mapping[str, str] = os.environ) -> str | None:
     return environ.get("SLURM_JOB_ID") or None
 
 
-def requeue_sbatch_job(job_id: str) -> bool:
-    """Rank 0's part after a stage returned STOPPED under plain sbatch. A failed `scontrol requeue` is a
-    warning: on preemption SLURM is requeueing the job already. Returns whether it was requeued."""
-    log.warning("stopped after a checkpoint: requeueing job %s (it resumes with %s)", job_id, RESUME)
+def requeue_sbatch_job(job_id: str, reason: str = "stopped after a checkpoint") -> bool:
+    """Rank 0's part after a stage returned STOPPED under plain sbatch (and every survivor's after a
+    rank was lost). A failed `scontrol requeue` is a warning: on preemption SLURM is requeueing the job
+    already. Returns whether it was requeued."""
+    log.warning("%s: requeueing job %s (it resumes with %s)", reason, job_id, RESUME)
     try:
         subprocess.run(["scontrol", "requeue", job_id], check=True, capture_output=True, text=True, timeout=60)
     except (OSError, subprocess.SubprocessError) as err:

@@ -99,7 +99,7 @@ class Watchdog:
                 handler.flush()
         print(f"dime_ds: {message}", file=sys.stderr, flush=True)
         if job_id := sbatch_job_id():  # rank 0 may be the one lost: every survivor asks, the first requeues
-            requeue_sbatch_job(job_id)
+            requeue_sbatch_job(job_id, reason="a rank was lost")
         os._exit(EXIT_RANK_LOST)
 
     def wait_for_verdict(self) -> None:

@@ -51,3 +51,18 @@ def test_the_survivor_names_the_dead_rank_and_latest_stays_complete(tmp_path, ti
     ckpt = work / "runs" / "demo" / "checkpoints"
     assert (ckpt / "latest").read_text() == "step_00000004"
     assert not (work / "runs" / "demo" / "final").exists()
+
+
+def test_under_sbatch_the_survivor_requeues_the_job(tmp_path, tiny_world, tiny_teacher_dir):
+    """A plain sbatch job whose rank died: the survivor asks SLURM to requeue it before it ends (the
+    job resumes from latest); scontrol is a stand-in that records what it was asked."""
+    bin_dir, asked = tmp_path / "bin", tmp_path / "scontrol_calls"
+    bin_dir.mkdir()
+    (bin_dir / "scontrol").write_text(f'#!/bin/sh\necho "$@" >> {asked}\n')
+    (bin_dir / "scontrol").chmod(0o755)
+    env = {"SLURM_JOB_ID": "4242", "PATH": f"{bin_dir}:{os.environ['PATH']}"}
+    overrides = engine_overrides(tmp_path / "work", tiny_world, tiny_teacher_dir, "optim.steps=12",
+                                 "ckpt.every_n_steps=4", "dist.dead_rank_s=3")
+    with pytest.raises(RankError, match=r"rank 0 died without a result \(exit code 3\)"):
+        run_ranks(_train_until_killed, 2, overrides, 1, 7, timeout=120, env=env)
+    assert asked.read_text().split("\n")[0] == "requeue 4242"
