@@ -1,13 +1,11 @@
-"""What every command-line entry point shares: logging set-up, a user error (bad config, missing
-data or weights) printed as a message (exit 2) rather than a traceback, and a stage that stopped
-after its checkpoint requeued under plain sbatch (dime_ds/jobs.py); and the `dime-ds` console
+"""What every command-line entry point shares: logging set-up, and a user error (bad config, missing
+data or weights) printed as a message (exit 2) rather than a traceback; and the `dime-ds` console
 script, one subcommand per entry point."""
 from __future__ import annotations
 
 import sys
 from typing import Callable, Sequence
 
-from dime_ds import jobs
 from dime_ds.errors import UserError
 from dime_ds.log.setup import setup_logging
 
@@ -25,26 +23,10 @@ def run_entry(main: Callable[[Sequence[str]], int], argv: Sequence[str] | None =
         return 0
     setup_logging()
     try:
-        code = main(argv)
+        return main(argv)
     except UserError as err:
         print(err, file=sys.stderr)
         return 2
-    if code == jobs.STOPPED and (job_id := jobs.sbatch_job_id()):
-        _requeue(job_id)
-    return code
-
-
-def _requeue(job_id: str) -> None:
-    """Rank 0 requeues the plain sbatch job; the others wait for it in the process group the stage
-    left up (distill's), so that none exits first: srun --kill-on-bad-exit would end rank 0 before
-    its requeue. Without a group the stage ran alone. torch is looked up, never imported: the
-    launcher, which imports this module, loads no torch."""
-    dist = sys.modules.get("torch.distributed")
-    group = dist is not None and dist.is_available() and dist.is_initialized()
-    if not group or dist.get_rank() == 0:
-        jobs.requeue_sbatch_job(job_id)
-    if group:
-        dist.barrier()
 
 
 # `dime-ds <command>` -> the module whose `main` it runs, and whether that main takes Hydra overrides

@@ -197,7 +197,8 @@ class Families(Comparison):
         from safetensors.torch import load_file
 
         from dime_ds.engine.consolidate import student_from_state
-        from dime_ds.models.latency import image_forward_flops, latency_ms
+        from dime_ds.models.flops import image_forward_flops
+        from dime_ds.models.latency import latency_ms
 
         rows, record = [], {}
         threads = torch.get_num_threads()

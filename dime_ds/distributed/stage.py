@@ -27,6 +27,7 @@ import torch
 from dime_ds.distributed import collectives as C
 from dime_ds.distributed.env import WorldInfo, backend_for, device_for, init_distributed, shutdown, world_info
 from dime_ds.errors import UserError
+from dime_ds.jobs import requeue_sbatch_job, sbatch_job_id
 
 if TYPE_CHECKING:
     from dime_ds.config.schema import DistConfig
@@ -68,6 +69,19 @@ def process_group(dist_cfg: DistConfig, device: str = "auto", *, always: bool = 
         log.warning("process group rank %d/%d differs from the environment's %d/%d; using the group",
                     C.rank(), C.world_size(), info.rank, info.world_size)
     return info, dev, made
+
+
+def requeue_stopped(world: WorldInfo) -> None:
+    """A run that stopped after its checkpoint, in a plain sbatch job: rank 0 asks SLURM to requeue
+    the job (it resumes from latest) while the other ranks wait, so that none exits first: srun
+    --kill-on-bad-exit would end rank 0 before its requeue. Submitit requeues its own jobs
+    (launch.StageJob); outside SLURM nothing is asked."""
+    job_id = sbatch_job_id()
+    if job_id is None:
+        return
+    if world.rank == 0:
+        requeue_sbatch_job(job_id)
+    C.barrier()
 
 
 @contextmanager

@@ -143,12 +143,15 @@ class Trainer:
             bar.update(1)
             if self._due(step, cfg.log.every_n_steps):
                 summary["loss"] = self._log(step, losses, bar)
-            if self.evaluate is not None and cfg.eval.every_n_steps and self._due(step, cfg.eval.every_n_steps):
-                C.broadcast_buffers(self.student)  # one set of running statistics: rank 0's
+            evaluating = (self.evaluate is not None and cfg.eval.every_n_steps
+                          and self._due(step, cfg.eval.every_n_steps))
+            if evaluating:
+                C.broadcast_buffers(self.student)  # one set of running statistics, rank 0's: eval leaves them
                 summary["eval"] = self.evaluate(self, step)
             stop = self.stop.any_rank()
             if stop or self._due(step, cfg.ckpt.every_n_steps):
-                C.broadcast_buffers(self.student)  # the checkpoint's statistics are every rank's: resume is exact
+                if not evaluating:  # every rank checkpoints rank 0's statistics: resume is exact
+                    C.broadcast_buffers(self.student)
                 checkpoint.save(self.engine, cfg.ckpt.dir, step, self.objective.state_dict(), config_yaml,
                                 cfg.ckpt.keep_last)
             if stop:

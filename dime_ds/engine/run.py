@@ -10,7 +10,7 @@ from safetensors.torch import save_file
 from dime_ds import atomic
 from dime_ds.config import save_config
 from dime_ds.config.schema import RootConfig
-from dime_ds.distributed.stage import process_group
+from dime_ds.distributed.stage import process_group, requeue_stopped
 from dime_ds.distributed.watchdog import watch_ranks
 from dime_ds.engine.checkpoint import tag_for
 from dime_ds.engine.consolidate import fp32_state_dict
@@ -37,4 +37,6 @@ def train_job(cfg: RootConfig, evaluate: Evaluate | None = None) -> dict:
             save_file(state, str(tmp))
         summary["final_weights"] = str(out / FINAL_WEIGHTS)
     log.info("run %s %s at step %d", cfg.name, summary["status"], summary["step"])
+    if summary["status"] == "stopped":
+        requeue_stopped(world)
     return summary

@@ -80,3 +80,10 @@ class ModelFlops:
         if peak_tflops:
             values["perf/mfu"] = achieved / peak_tflops
         return values
+
+
+def image_forward_flops(encode_image: Callable[[torch.Tensor], torch.Tensor], image_size: int) -> int:
+    """Forward FLOPs of one image through `encode_image` (torch's FLOP counter, batch of one)."""
+    images = torch.zeros(1, 3, image_size, image_size)
+    with torch.inference_mode():
+        return count_flops(lambda: encode_image(images))

@@ -22,11 +22,3 @@ def latency_ms(fn: Callable[[torch.Tensor], torch.Tensor], inputs: torch.Tensor,
             times.append(time.perf_counter() - start)
     return 1e3 * statistics.median(times)
 
-
-def image_forward_flops(encode_image: Callable[[torch.Tensor], torch.Tensor], image_size: int) -> int:
-    """Forward FLOPs of one image through `encode_image` (torch's FLOP counter, batch of one)."""
-    from dime_ds.models.flops import count_flops
-
-    images = torch.zeros(1, 3, image_size, image_size)
-    with torch.inference_mode():
-        return count_flops(lambda: encode_image(images))

@@ -2,6 +2,7 @@
 layer, and no import, lazy ones inside functions included, goes up a layer or across siblings."""
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 import sys
@@ -34,3 +35,12 @@ def test_imports_follow_the_layers():
     run = subprocess.run([lint, "--config", str(REPO / "pyproject.toml")], cwd=REPO, capture_output=True, text=True)
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
     assert "BROKEN" not in run.stdout and "KEPT" in run.stdout
+
+
+def test_only_distributed_touches_torch_distributed():
+    """The one package that reads rank variables and talks to the process group. import-linter sees
+    torch as one package, and a lookup in sys.modules imports nothing: read the source itself."""
+    pattern = re.compile(r"torch\.distributed|from torch import distributed|sys\.modules")
+    found = sorted(str(p.relative_to(PACKAGE)) for p in PACKAGE.rglob("*.py")
+                   if "distributed" not in p.relative_to(PACKAGE).parts[:1] and pattern.search(p.read_text()))
+    assert found == [], "use dime_ds.distributed instead"
