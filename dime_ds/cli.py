@@ -1,6 +1,10 @@
 """What every command-line entry point shares: logging set-up, and a user error (bad config, missing
-data or weights) printed as a message (exit 2) rather than a traceback; and the `dime-ds` console
-script, one subcommand per entry point."""
+data or weights) printed as a message (exit 2, or the error's own `exit_status`) rather than a
+traceback; and the `dime-ds` console script, one subcommand per entry point.
+
+In a job of several ranks, an error every rank raised alike carries `agreed_rank` (the rank's number;
+distributed/stage.py and distributed/watchdog.py set it): rank 0 prints it (a traceback when it is
+not the user's), the others only exit with the same status, so the job's log holds it once."""
 from __future__ import annotations
 
 import sys
@@ -25,8 +29,13 @@ def run_entry(main: Callable[[Sequence[str]], int], argv: Sequence[str] | None =
     try:
         return main(argv)
     except UserError as err:
-        print(err, file=sys.stderr)
-        return 2
+        if not getattr(err, "agreed_rank", 0):
+            print(err, file=sys.stderr)
+        return getattr(err, "exit_status", 2)
+    except Exception as err:
+        if getattr(err, "agreed_rank", 0):
+            return 1  # the status of the traceback rank 0 shows
+        raise
 
 
 # `dime-ds <command>` -> the module whose `main` it runs, and whether that main takes Hydra overrides

@@ -16,7 +16,9 @@ trainer checkpoints and its stage returns jobs.STOPPED; the job then hands the s
 signal handler, which the trainer's had replaced: on rank 0 it calls `StageJob.checkpoint()` (this
 stage again, with `ckpt.resume=latest`), requeues the job and exits. submitit counts a stop near the
 time limit against the executor's max_num_timeout (3) and then gives up with an error; preemptions
-are not counted.
+are not counted by submitit, but every stop is by the job's requeue budget (slurm.max_requeues in a
+row without a newer checkpoint, jobs.RequeueBudget): past it the stop is not handed to submitit, and
+the job fails with jobs.REQUEUES_SPENT.
 """
 from __future__ import annotations
 
@@ -57,9 +59,10 @@ def submitit_signal() -> signal.Signals:
 class StageJob(submitit.helpers.Checkpointable):
     """What submitit runs on every task: the stage's entry point, in this process."""
 
-    def __init__(self, stage: str, overrides: Sequence[str]):
+    def __init__(self, stage: str, overrides: Sequence[str], budget: jobs.RequeueBudget | None = None):
         jobs.check_stage(stage)
         self.stage, self.overrides = stage, list(overrides)
+        self.budget = budget  # the job's requeue budget, from the config at submission (None: no limit)
 
     def argv(self) -> list[str]:
         return [*jobs.STAGES[self.stage].args, *self.overrides]
@@ -71,7 +74,10 @@ class StageJob(submitit.helpers.Checkpointable):
         requeue = signal.getsignal(submitit_signal())  # submitit's, set before the job ran; the trainer replaces it
         code = self.run_stage()
         if code == jobs.STOPPED:
-            self._requeue(requeue)
+            if not self._within_budget():
+                code = jobs.REQUEUES_SPENT
+            else:
+                self._requeue(requeue)
         if code != 0:
             raise RuntimeError(f"stage {self.stage} exited with status {code}")
         return code
@@ -79,7 +85,21 @@ class StageJob(submitit.helpers.Checkpointable):
     def checkpoint(self, *args, **kwargs) -> submitit.helpers.DelayedSubmission:
         """The same stage, resuming from the latest checkpoint (the trainer wrote it on the signal)."""
         overrides = [o for o in self.overrides if not o.startswith("ckpt.resume=")] + [jobs.RESUME]
-        return submitit.helpers.DelayedSubmission(StageJob(self.stage, overrides))
+        return submitit.helpers.DelayedSubmission(StageJob(self.stage, overrides, self.budget))
+
+    def _within_budget(self) -> bool:
+        """Whether the job's requeue budget allows one more requeue (every task reads the same record)."""
+        job_id = jobs.slurm_job_id()
+        if job_id is None or self.budget is None:  # submitit's local executor: nothing counts
+            return True
+        try:
+            n = self.budget.check(job_id, f"stage {self.stage} stopped")
+        except jobs.RequeuesSpent as err:
+            log.error("%s", err)
+            return False
+        log.warning("stage %s stopped: requeue %d of slurm.max_requeues=%d since the last progress", self.stage, n,
+                    self.budget.max_requeues)
+        return True
 
     def _requeue(self, handler) -> None:
         """The stage stopped after its checkpoint: give submitit its signal back and raise it. Its
@@ -154,7 +174,7 @@ def executor(p: dict, local: bool) -> submitit.AutoExecutor:
 def main(argv: Sequence[str]) -> int:
     args = parse_args(argv)
     p = plan(args)
-    job_fn = StageJob(p["stage"], p["overrides"])
+    job_fn = StageJob(p["stage"], p["overrides"], jobs.RequeueBudget.of(p["cfg"]))
     request = p["request"]
     n_tasks = request["nodes"] * request["ntasks-per-node"]
     if args.dry_run:

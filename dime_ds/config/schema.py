@@ -392,6 +392,9 @@ class SlurmConfig:
     qos: Optional[str] = None
     constraint: Optional[str] = None
     job_dir: str = "${work_dir}/jobs"
+    # Requeues in a row without progress (no newer checkpoint) before the job ends instead
+    # (dime_ds/jobs.py, RequeueBudget); progress resets the count. 0: never requeue.
+    max_requeues: int = non_negative(3)
 
 
 @dataclass

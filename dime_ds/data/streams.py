@@ -17,11 +17,20 @@ handed to `process` carries its epoch ("epoch"), for choices made per (sample, e
 A bad sample (`SampleError`) is skipped and counted, never a crash. A damaged shard is read as far
 as it can be and its marker (see `iter_tar_samples`) skipped: counted as a skipped sample when the
 damage hit one, and recorded as a damaged shard (a skip record with "damaged": {"shard", "reason",
-"samples"}). A worker whose epoch yields nothing because its shards are damaged raises
-AllShardsDamagedError naming them, instead of looping over empty epochs. With `with_meta=True` every
-item comes as `(item, meta)`, meta = {"worker", "cursor" (after this item), "skips" (records of the
-samples skipped since the previous item), "not_kept" (samples left out by the keep list since the
-previous item)}: how positions and counts reach the main process through DataLoader workers (see
+"samples"} and the "epoch" it was met in).
+
+Damage is decided per stream, not per worker. An epoch of one worker that yields no usable sample
+because its shards are damaged (a *dead epoch*) stops nothing: its shards change with the epoch, so
+the worker goes on to its next epoch while the others keep feeding. With `with_meta` it first
+reports the dead epoch as one whole consumer batch of markers `(None, meta)` (`batch_size` items,
+meta["dead"] = {"epoch", "shards", "message"}; the samples of the batch it interrupted go with it,
+as drop_last drops an epoch's tail), so a DataLoader keeps serving its workers round-robin and the
+consumer (`BatchStream`, which decides over all workers and ranks when the stream is dead) hears of
+it at once. A plain iterator (no consumer to tell) logs it, and raises AllShardsDamagedError once its
+dead epochs in a row have tried every shard of the stream. With `with_meta=True` every item comes as
+`(item, meta)`, meta = {"worker", "cursor" (after this item), "skips" (records of the samples skipped
+since the previous item), "not_kept" (samples left out by the keep list since the previous item)}:
+how positions and counts reach the main process through DataLoader workers (see
 `dime_ds.data.loaders.BatchStream`).
 
 A keep list (`keep`, data.keep: CLIP-CID's semantic balance) drops the samples whose key it lacks
@@ -51,7 +60,24 @@ Cursor = tuple[int, int]  # (epoch, raw samples of that epoch already out of the
 
 
 class AllShardsDamagedError(UserError, RuntimeError):
-    """Every shard a stream (one worker of it) reads is damaged: training on it would never get a batch."""
+    """No usable sample can reach a consumer of the stream: every shard of it is unreadable (over all
+    workers and ranks), or a rank's workers tried every shard and none gave it a sample."""
+
+
+def unreadable(damaged: dict[str, dict]) -> dict[str, dict]:
+    """The damaged shards (records as in `damage_record`) of which no whole sample could be read."""
+    return {url: d for url, d in damaged.items() if d["samples"] == 0}
+
+
+def dead_stream_message(salt: str, urls: Sequence[str], damaged: dict[str, dict], who: str = "") -> str:
+    """The AllShardsDamagedError message: `who` (a rank that got nothing; "" when every shard is
+    unreadable) and every damaged shard by name, in sorted order, so that ranks holding the same
+    records word it the same."""
+    listed = "; ".join(f"{u}: {damaged[u]['reason']} ({damaged[u]['samples']} samples read)" for u in sorted(damaged))
+    if not who:
+        return f"stream {salt!r}: no sample could be used: all {len(urls)} shards are unreadable: {listed}"
+    return (f"stream {salt!r}: no sample could be used by {who} after trying all {len(urls)} shards (the readable "
+            f"samples are too few to reach every rank and worker); damaged shards: {listed or 'none'}")
 
 
 def salt_id(salt: str) -> int:
@@ -91,6 +117,7 @@ class ShardStream(IterableDataset):
         self._salt = salt_id(salt)
         self.fields = None if fields is None else frozenset(fields)
         self.with_meta = with_meta
+        self.batch_size = 1  # items per consumer batch: a dead epoch's report fills one (BatchStream sets it)
         self.keep = keep
         self.not_kept = 0  # samples the keep list left out, in iterators run in this process
         self.skipped = 0  # samples skipped by iterators run in this process
@@ -152,6 +179,8 @@ class ShardStream(IterableDataset):
         epoch, offset = cursor
         pending: list[dict] = []  # skips since the last item, sent with the next one
         dropped = [0]  # samples the keep list left out since the last item (or resume position)
+        out = 0  # items yielded: a cursor always sits at a consumer's batch boundary, so out % batch_size
+        tried: set[str] = set()  # shards of the dead epochs in a row (plain iteration)
         while True:
             shards, modulus, remainder = self.worker_shards(epoch, worker, workers)
             rng = np.random.default_rng([self.seed, self._salt, epoch, self.rank, worker])
@@ -167,7 +196,8 @@ class ShardStream(IterableDataset):
                     item = self._process(raw, epoch, worker, position)
                 except SampleError as err:
                     last_reason = str(err)
-                    record = {"key": raw.get("__key__"), "source": raw.get("__url__"), "reason": str(err)}
+                    record = {"key": raw.get("__key__"), "source": raw.get("__url__"), "reason": str(err),
+                              "epoch": epoch}
                     if isinstance(err, DamagedShardError):
                         record["damaged"] = damaged[err.url] = self.damaged[err.url] = damage_record(err)
                     if record["key"] is not None:  # a sample lost (a whole unreadable shard lost none it had begun)
@@ -183,6 +213,7 @@ class ShardStream(IterableDataset):
                 if self.with_meta:
                     after = (epoch + 1, 0) if last else (epoch, position + 1)
                     yield item, {"worker": worker, "cursor": after, "skips": pending, "not_kept": dropped[0]}
+                    out += 1
                     pending = []
                     dropped[0] = 0
                 else:
@@ -197,9 +228,26 @@ class ShardStream(IterableDataset):
                 raise RuntimeError(f"stream {self.salt!r}: resume cursor ({epoch}, {offset}) is past the "
                                    f"{n_raw} samples of {where}: the state belongs to other shards or settings")
             if n_good == 0 and offset == 0 and damaged:
-                raise AllShardsDamagedError(
-                    f"stream {self.salt!r}: {where}: no sample could be used; damaged shards: "
-                    + "; ".join(f"{d['shard']}: {d['reason']} ({d['samples']} samples read)" for d in damaged.values()))
+                message = (f"stream {self.salt!r}: {where}: no usable sample this epoch; damaged: "
+                           + "; ".join(f"{os.path.basename(d['shard'])}: {d['reason']}" for d in damaged.values()))
+                if self.with_meta:  # one whole batch of markers: the consumer's round-robin goes on
+                    dead = {"epoch": epoch, "shards": shards, "message": message}
+                    self.not_kept += dropped[0]
+                    for _ in range(self.batch_size - out % self.batch_size):
+                        yield None, {"worker": worker, "cursor": (epoch + 1, 0), "skips": pending,
+                                     "not_kept": dropped[0], "dead": dead}
+                        pending, dropped[0] = [], 0
+                    out = 0
+                else:
+                    tried.update(shards)
+                    if tried >= set(self.urls):  # every shard tried in a row: nothing will ever come
+                        raise AllShardsDamagedError(dead_stream_message(
+                            self.salt, self.urls, self.damaged,
+                            "" if set(unreadable(self.damaged)) >= set(self.urls) else where))
+                    log.warning("%s; going on with the next epoch", message)
+                epoch, offset = epoch + 1, 0
+                continue
+            tried.clear()
             if n_good == 0 and offset == 0:
                 raise RuntimeError(f"stream {self.salt!r}: all {n_raw} samples of {where} were skipped "
                                    f"(last: {last_reason})")

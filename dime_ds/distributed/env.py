@@ -16,6 +16,7 @@ MASTER_ADDR / MASTER_PORT in the environment override the derived address and po
 """
 from __future__ import annotations
 
+import atexit
 import datetime
 import logging
 import os
@@ -245,6 +246,8 @@ def init_distributed(info: WorldInfo, backend: str = "auto", timeout_min: float 
     dist.init_process_group(backend=backend, init_method=f"tcp://{_url_host(info.master_addr)}:{info.master_port}",
                             rank=info.rank, world_size=info.world_size,
                             timeout=datetime.timedelta(minutes=timeout_min))
+    atexit.unregister(_shutdown_gloo_at_exit)  # registered once, however many groups this process makes
+    atexit.register(_shutdown_gloo_at_exit)
 
 
 def _url_host(addr: str) -> str:
@@ -254,4 +257,14 @@ def _url_host(addr: str) -> str:
 def shutdown() -> None:
     """Destroy the default process group, if there is one."""
     if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def _shutdown_gloo_at_exit() -> None:
+    """A gloo group still alive when the interpreter shuts down can abort the process ("terminate
+    called without an active exception", status 134 under srun: its worker threads free tensors once
+    Python is gone), so a process that kept its group (the training job does, for a later run in the
+    same process) destroys it while Python still runs, whatever the exit. Not NCCL: destroying it while
+    a peer still waits in a collective can hang the exit."""
+    if dist.is_available() and dist.is_initialized() and dist.get_backend() == "gloo":
         dist.destroy_process_group()

@@ -8,13 +8,17 @@ agreed by all ranks, results gathered to rank 0 or sent from it.
 
 Why agreement: a rank that raises leaves the collectives, and the others would wait in the next one
 until the timeout (dist.timeout_min). Every agreement is one small all-gather (or broadcast) of the
-errors; a rank that died outright is only noticed when that collective times out or breaks.
+errors. A rank that died outright is noticed by the heartbeats every stage runs (distributed/
+watchdog.py, dist.dead_rank_s): the survivors end as the training job's do, naming it, with status 3
+(requeued under SLURM, within the job's requeue budget, which each run SLURM restarted counts first).
 
 Errors are rebuilt on every rank the same way: a UserError (or a class the caller names in `keep`)
 keeps its class and the first failing rank's message, so entry points still print a message and
 exit 2; anything else becomes a StageError listing each failing rank's `Type: message`. The
-failing rank raises it `from` its own exception, so its traceback is kept. In a world of one
-(with or without a group) nothing is communicated and `fn`'s own exception propagates unchanged."""
+failing rank raises it `from` its own exception, so its traceback is kept. An agreed error carries
+`agreed_rank` (this rank's number): only rank 0 prints it (cli.run_entry), every rank exits with the
+same status. In a world of one (with or without a group) nothing is communicated and `fn`'s own
+exception propagates unchanged."""
 from __future__ import annotations
 
 import logging
@@ -23,17 +27,21 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Iterator, TypeVar
 
 import torch
+from omegaconf import DictConfig
 
 from dime_ds.distributed import collectives as C
 from dime_ds.distributed.env import WorldInfo, backend_for, device_for, init_distributed, shutdown, world_info
+from dime_ds.distributed.watchdog import AGREED_RANK, watch_ranks
 from dime_ds.errors import UserError
-from dime_ds.jobs import requeue_sbatch_job, sbatch_job_id
+from dime_ds.jobs import (RequeueBudget, RequeuesSpent, requeue_sbatch_job, sbatch_job_id, slurm_job_id,
+                          slurm_restart_count)
 
 if TYPE_CHECKING:
     from dime_ds.config.schema import DistConfig
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+E = TypeVar("E", bound=BaseException)
 
 
 class StageError(RuntimeError):
@@ -71,28 +79,62 @@ def process_group(dist_cfg: DistConfig, device: str = "auto", *, always: bool = 
     return info, dev, made
 
 
-def requeue_stopped(world: WorldInfo) -> None:
+def requeue_stopped(world: WorldInfo, budget: RequeueBudget | None = None) -> None:
     """A run that stopped after its checkpoint, in a plain sbatch job: rank 0 asks SLURM to requeue
     the job (it resumes from latest) while the other ranks wait, so that none exits first: srun
-    --kill-on-bad-exit would end rank 0 before its requeue. Submitit requeues its own jobs
-    (launch.StageJob); outside SLURM nothing is asked."""
+    --kill-on-bad-exit would end rank 0 before its requeue. Past the `budget`, no requeue: every rank
+    raises RequeuesSpent (each reads the same record, so they agree without a message). Submitit
+    requeues its own jobs (launch.StageJob); outside SLURM nothing is asked."""
     job_id = sbatch_job_id()
     if job_id is None:
         return
-    if world.rank == 0:
-        requeue_sbatch_job(job_id)
+    spent = None
+    try:
+        if world.rank == 0:
+            requeue_sbatch_job(job_id, budget=budget)
+        elif budget is not None:
+            budget.check(job_id)
+    except RequeuesSpent as err:
+        spent = err
     C.barrier()
+    if spent is not None:
+        raise _agreed(spent)
+
+
+def job_budget(dist_cfg: DistConfig) -> RequeueBudget | None:
+    """The requeue budget of the job whose config has `dist_cfg` as its `dist` section (the stages hand
+    the runner that section alone); None for a section standing alone (a test's namespace)."""
+    root = dist_cfg._get_root() if isinstance(dist_cfg, DictConfig) else None
+    if root is None or "slurm" not in root or "ckpt" not in root:
+        return None
+    return RequeueBudget.of(root)
+
+
+def count_requeue(budget: RequeueBudget | None) -> None:
+    """Collective, at the start of a run: when SLURM restarted the job, rank 0 counts the requeue in
+    the budget's record (once per restart: nested stages count nothing more), and past the budget
+    every rank raises RequeuesSpent before any work. Nothing outside SLURM or on a first run."""
+    job_id, restart = slurm_job_id(), slurm_restart_count()
+    if budget is None or job_id is None or restart == 0:
+        return
+    on_main(budget.charge, job_id, restart, what="counting the requeue")
 
 
 @contextmanager
 def stage(dist_cfg: DistConfig, device: str = "auto") -> Iterator[StageContext]:
     """The process group for one stage (see `process_group`), destroyed on leaving if made here; a
-    group that already existed (an enclosing stage, a test harness) is used and left alone. A process
+    group that already existed (an enclosing stage, a test harness) is used and left alone. Inside it:
+    a restarted job's requeue counted first (`count_requeue`), then heartbeats (dist.dead_rank_s),
+    one set for nested stages, as the training job runs them (engine/run.py). A process
     that runs several stages opens one `stage` around them all: a group re-made on the port just
     released can race with the old store's shutdown (a rank connects to the closing server)."""
     info, dev, made = process_group(dist_cfg, device)
     try:
-        yield StageContext(world=info, device=dev, rank=C.rank(), world_size=C.world_size())
+        budget = job_budget(dist_cfg)
+        count_requeue(budget)
+        # a bare namespace (tests) may lack dead_rank_s: no heartbeats then
+        with watch_ranks(info, getattr(dist_cfg, "dead_rank_s", 0), budget):
+            yield StageContext(world=info, device=dev, rank=C.rank(), world_size=C.world_size())
     finally:
         if made:
             shutdown()
@@ -107,15 +149,21 @@ def _report(error: BaseException | None, keep: tuple[type, ...]) -> tuple | None
     return C.rank(), rebuild, type(error).__name__, str(error)
 
 
+def _agreed(error: E) -> E:
+    """`error`, marked as raised alike on every rank (see the module docstring)."""
+    setattr(error, AGREED_RANK, C.rank())
+    return error
+
+
 def _rebuild(reports: list[tuple], what: str) -> Exception:
     rank, cls, _, message = reports[0]
     if cls is not None:
         try:
-            return cls(message)
+            return _agreed(cls(message))
         except Exception:  # noqa: BLE001 - a class whose constructor wants more than a message
-            return UserError(message)
+            return _agreed(UserError(message))
     lines = "\n".join(f"rank {r}: {name}: {msg}" for r, _, name, msg in reports)
-    return StageError(f"{what} failed on {len(reports)} rank(s):\n{lines}")
+    return _agreed(StageError(f"{what} failed on {len(reports)} rank(s):\n{lines}"))
 
 
 def raise_agreed(error: BaseException | None, what: str = "the stage", keep: tuple[type, ...] = ()) -> None:
@@ -139,7 +187,8 @@ def agreed(fn: Callable[..., T], *args: Any, what: str = "the stage", keep: tupl
     try:
         result = fn(*args, **kwargs)
     except Exception as err:  # noqa: BLE001 - agreed with the others just below
-        log.exception("rank %d: %s failed", C.rank(), what)
+        if not isinstance(err, UserError):  # a user error's message is the whole story: rank 0 prints it
+            log.exception("rank %d: %s failed", C.rank(), what)
         raise_agreed(err, what, keep)
         raise  # not reached: raise_agreed raises when any rank (this one) failed
     raise_agreed(None, what, keep)
@@ -157,7 +206,8 @@ def on_main(fn: Callable[..., T], *args: Any, what: str = "the stage", keep: tup
         try:
             result = fn(*args, **kwargs)
         except Exception as err:  # noqa: BLE001 - sent to the others just below
-            log.exception("rank 0: %s failed", what)
+            if not isinstance(err, UserError):
+                log.exception("rank 0: %s failed", what)
             error = err
     result, report = C.broadcast_object((result, _report(error, keep)))
     if report is not None:

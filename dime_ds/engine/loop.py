@@ -161,7 +161,7 @@ class Trainer:
         self.tb.close()
         summary.update(self.metrics.run_summary(self.meter))
         return {**summary, "status": status, "step": step, "skipped": self.objective.skipped(),
-                "data_faults": self.objective.data_faults()}
+                "data_faults": self.metrics.data_faults(self.objective)}  # collective: over all ranks
 
     def _due(self, step: int, every: int) -> bool:
         """At every `every`-th step, and always at the last."""

@@ -60,13 +60,28 @@ class StepMetrics:
         values.update(self.throughput(window))
         for name, count in objective.skipped().items():
             values[f"data/skipped_{name}"] = C.reduce_scalar(count)
-        faults = objective.data_faults()  # summed over ranks: a shard read by several counts once per rank
-        values["data/damaged_shards"] = C.reduce_scalar(sum(f["damaged"] for f in faults.values()))
-        values["data/truncated_texts"] = C.reduce_scalar(sum(f["truncated"] for f in faults.values()))
+        faults = self.data_faults(objective)
+        values["data/damaged_shards"] = float(sum(f["damaged"] for f in faults.values()))
+        values["data/truncated_texts"] = float(sum(f["truncated"] for f in faults.values()))
         values["memory/host_max_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
         if self.device.type == "cuda":
             values["memory/gpu_max_allocated_gb"] = torch.cuda.max_memory_allocated(self.device) / 2**30
         return values
+
+    @staticmethod
+    def data_faults(objective) -> dict:
+        """Collective: per stream, {"damaged": damaged shards counted once per (shard, epoch) over all
+        ranks, "damaged_shards": their names, "truncated": sentences cut, summed over ranks}. The
+        ranks' (shard, epoch) pairs are united, not their counts summed: where ranks split the samples
+        of fewer shards than readers, every rank meets the same damaged shard in the same epoch."""
+        local = objective.data_faults()
+        every = C.all_gather_object({name: (f["damaged_epochs"], f["truncated"]) for name, f in local.items()})
+        out = {}
+        for name in local:
+            pairs = {(shard, epoch) for rank in every for shard, epochs in rank[name][0].items() for epoch in epochs}
+            out[name] = {"damaged": len(pairs), "damaged_shards": sorted({shard for shard, _ in pairs}),
+                         "truncated": sum(rank[name][1] for rank in every)}
+        return out
 
     def throughput(self, window: dict) -> dict:
         values = {}

@@ -1,7 +1,14 @@
 """The match stage's report: `report.json`, `report.md`, `similarity_hist.png` (drawn with
 matplotlib) and TensorBoard scalars, histogram and examples. Images matched, rounds, per-round
 counts, sentences kept, similarity statistics and histogram, 10 examples; `kinds` counts the source
-json's "kind" field (the synthetic world labels its sentences) over the corpus and the kept set."""
+json's "kind" field (the synthetic world labels its sentences) over the corpus and the kept set.
+
+report.json, report.md and the histogram are functions of the inputs and settings alone, so a rerun
+(after a kill, say) writes them byte for byte again; the wall-clock seconds, which differ every run,
+are in `timing.json` beside them (and in the report the stage returns). TensorBoard's event files
+carry wall times and the host name by nature: `tensorboard/` is written into a staging directory and
+swapped in whole, so it holds the last complete run's one event file, never a killed run's beside it.
+Every file is written under a temporary name and renamed; report.json last."""
 from __future__ import annotations
 
 import os
@@ -13,6 +20,7 @@ import numpy as np
 from dime_ds import atomic
 
 REPORT_VERSION = 1
+TIMING = "timing.json"  # the run's wall-clock seconds: everything else of the report is reproducible
 N_EXAMPLES = 10
 HIST_BINS = 40
 
@@ -62,7 +70,7 @@ def _markdown(report: dict) -> str:
         f"- search: index={r['settings']['index']} topk={r['settings']['topk']} "
         f"block_size={r['settings']['block_size']} ({'exact' if r['exact'] else 'approximate'})",
         f"- corpus: {len(r['corpus']['shards'])} shard(s) in `{r['corpus']['dir']}`",
-        f"- time: {r['seconds']['algorithm1']:.1f} s matching, {r['seconds']['total']:.1f} s in all", "",
+        f"- time: see `{TIMING}` (wall-clock, differs every run)", "",
         "## Rounds", "", "| round | images before | matched | share |", "|---:|---:|---:|---:|",
     ]
     damaged = [(m, d) for m, shards in r.get("damaged_shards", {}).items() for d in shards]
@@ -151,14 +159,24 @@ def kept_similarities(result) -> np.ndarray:
 
 
 def write_report(out_dir: str | os.PathLike, report: dict, kept_sims: np.ndarray, *, tensorboard: bool = True) -> None:
-    """report.json, report.md, similarity_hist.png (when a pair was kept) and, if asked,
-    `out_dir/tensorboard`."""
+    """similarity_hist.png (when a pair was kept), `out_dir/tensorboard` if asked, timing.json
+    (report["seconds"]), report.md, and last report.json (the report less its seconds)."""
     out_dir = Path(out_dir)
-    png = None
+    png = out_dir / "similarity_hist.png"
     if report["similarity"]["count"]:
         hist = report["similarity"]["histogram"]
-        png = histogram_png(hist["counts"], hist["edges"], out_dir / "similarity_hist.png")
-    if tensorboard:
-        _tensorboard(out_dir / "tensorboard", report, kept_sims, png)
-    atomic.write_json(out_dir / "report.json", report)
-    atomic.write_text(out_dir / "report.md", _markdown(report))
+        with atomic.replacing(png) as tmp:
+            histogram_png(hist["counts"], hist["edges"], tmp)
+    else:  # nothing kept: no histogram, not an earlier run's
+        png.unlink(missing_ok=True)
+        png = None
+    if tensorboard:  # staged: a killed run's event file never stays beside this run's
+        with atomic.staged_dir(out_dir / "tensorboard") as staging:
+            _tensorboard(staging, report, kept_sims, png)
+            for path in sorted(staging.rglob("*")):
+                if path.is_file():
+                    atomic.fsync_path(path)
+    reproducible = {k: v for k, v in report.items() if k != "seconds"}
+    atomic.write_json(out_dir / TIMING, {"format_version": REPORT_VERSION, "seconds": report.get("seconds")})
+    atomic.write_text(out_dir / "report.md", _markdown(reproducible))
+    atomic.write_json(out_dir / "report.json", reproducible)

@@ -5,7 +5,14 @@ and `/texts`, runs Algorithm 1 (algorithm1.ground) and writes into `match.out_di
 - `assignment.npy`   int64 [n_images]: per image row of the image cache (manifest shard order,
   keys.txt order), the text cache row of its sentence, -1 when unmatched;
 - `assignment.json`  {image key: sentence key} for matched images, and the cache directories;
-- `report.json`, `report.md`, `similarity_hist.png`, `tensorboard/`  the report (ground/report.py).
+- `report.json`, `report.md`, `similarity_hist.png`, `tensorboard/`  the report (match/report.py);
+  `timing.json` its wall-clock seconds.
+
+Every output is written under a temporary name (the corpus and tensorboard/ as staged directories)
+and renamed, report.json last, after removing the old one first: a directory with a report.json is
+complete. A run killed anywhere and run again writes the same bytes as a run never interrupted
+(every output but timing.json and tensorboard's event file, which carry wall times), and leaves
+nothing of the killed run (tests/multirank/test_stage_soak.py).
 
 On several ranks the exact index runs search.py's multi-node plan: rank r of R computes the top-k
 of all images among its contiguous text rows [r*N/R, (r+1)*N/R), rank 0 gathers and merges the
@@ -107,6 +114,9 @@ def write_outputs(out_dir: str | os.PathLike, result, image_cache: EmbeddingCach
     """Corpus, assignment and report for a GroundingResult over the two caches; returns the report."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    # From here on the directory does not read as complete: an earlier run's report would describe
+    # outputs that this one, if it is killed, leaves half replaced.
+    (out_dir / "report.json").unlink(missing_ok=True)
     image_keys, text_keys = image_cache.keys(), text_cache.keys()
     assignment = result.assignment
     corpus = write_grounded_corpus(text_cache, assignment, image_keys, result.similarities, out_dir,

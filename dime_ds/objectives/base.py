@@ -64,11 +64,14 @@ class Objective(ABC):
         """Samples skipped so far on this rank, per stream."""
 
     def data_faults(self) -> dict[str, dict]:
-        """Per stream (every BatchStream the objective holds, by attribute name): {"damaged": the
-        damaged shards met on this rank, "truncated": sentences cut to the context}."""
+        """Per stream (every BatchStream the objective holds, by attribute name), on this rank:
+        {"damaged": the damaged shards met, "damaged_epochs": {shard: [epochs it was met in]} (what
+        engine/metrics.py unions over ranks), "truncated": sentences cut to the context}."""
         from dime_ds.data.loaders import BatchStream
 
-        return {name: {"damaged": len(s.damaged), "truncated": s.truncated}
+        # A shard from a state written before epochs were recorded counts once, as epoch None.
+        return {name: {"damaged": len(s.damaged), "truncated": s.truncated,
+                       "damaged_epochs": {shard: list(s.damaged_epochs.get(shard) or [None]) for shard in s.damaged}}
                 for name, s in vars(self).items() if isinstance(s, BatchStream)}
 
     @abstractmethod

@@ -64,7 +64,8 @@ def _train(rank, world_size, overrides, victim=None, die_at_step=None):
 
 
 def _straight_read(images, texts, rank, steps, micro):
-    """The skip and damage counts of reading rank `rank`'s two streams for `steps` batches, no trainer."""
+    """The skip counts and damaged (shard, epoch) pairs of reading rank `rank`'s two streams for `steps`
+    batches, no trainer."""
     common = dict(seed=0, rank=rank, world=2, shuffle_buffer=8)
     to_tensor = lambda im: torch.zeros(1)  # noqa: E731 - decoding alone decides what is skipped
     streams = (image_batches(sorted(map(str, images.glob("*.tar"))), to_tensor, micro, **common),
@@ -72,7 +73,8 @@ def _straight_read(images, texts, rank, steps, micro):
     for stream in streams:
         for _ in range(steps):
             next(stream)
-    return {"skipped": [s.skipped for s in streams], "damaged": [len(s.damaged) for s in streams]}
+    return {"skipped": [s.skipped for s in streams],
+            "damaged": [{(shard, e) for shard, epochs in s.damaged_epochs.items() for e in epochs} for s in streams]}
 
 
 def test_soak_kill_and_resume_over_damaged_data(tmp_path, tiny_world, tiny_teacher_dir):
@@ -95,21 +97,25 @@ def test_soak_kill_and_resume_over_damaged_data(tmp_path, tiny_world, tiny_teach
 
     assert [s["start_step"] for s in resumed] == [resumed_from] * 2
     assert [s["status"] for s in clean + resumed] == ["completed"] * 4
+    expected = [_straight_read(images, texts, rank, STEPS, 2) for rank in range(2)]
+    # Damaged shards count once per (shard, epoch) over both ranks: the summary of every rank holds that.
+    pairs = [expected[0]["damaged"][m] | expected[1]["damaged"][m] for m in range(2)]
     for rank in range(2):
-        expected = _straight_read(images, texts, rank, STEPS, 2)
         for run in (clean[rank], resumed[rank]):
-            assert [run["skipped"]["images"], run["skipped"]["texts"]] == expected["skipped"]
-            assert [run["data_faults"][s]["damaged"] for s in ("images", "texts")] == expected["damaged"]
+            assert [run["skipped"]["images"], run["skipped"]["texts"]] == expected[rank]["skipped"]
+            assert [run["data_faults"][s]["damaged"] for s in ("images", "texts")] == [len(p) for p in pairs]
     skipped = sum(s["skipped"]["images"] + s["skipped"]["texts"] for s in clean)
-    damaged = {r: [s["data_faults"][m]["damaged"] for m in ("images", "texts")] for r, s in enumerate(clean)}
-    # One truncated shard per stream, read by one rank or, over the epochs, by both.
-    assert skipped > 0 and all(1 <= damaged[0][m] + damaged[1][m] <= 2 for m in range(2))
+    damaged = [clean[0]["data_faults"][m]["damaged"] for m in ("images", "texts")]
+    # One truncated shard per stream (the last), met in every epoch by whichever rank reads it then.
+    assert [clean[0]["data_faults"][m]["damaged_shards"] for m in ("images", "texts")] == \
+        [[str(images / "images-000003.tar")], [str(texts / "texts-000003.tar")]]
+    assert skipped > 0 and all(d >= 2 for d in damaged)  # 400 samples a rank: several epochs of 200
 
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     events = EventAccumulator(str(tmp_path / "clean" / "runs" / "demo" / "tensorboard"))
     events.Reload()
-    assert events.Scalars("data/damaged_shards")[-1].value == sum(map(sum, damaged.values()))  # over ranks
+    assert events.Scalars("data/damaged_shards")[-1].value == sum(damaged)  # over ranks and streams
     assert events.Scalars("data/skipped_images")[-1].value == sum(s["skipped"]["images"] for s in clean)
     assert events.Scalars("data/truncated_texts")[-1].value == 0  # short sentences only
 
@@ -118,8 +124,8 @@ def test_soak_kill_and_resume_over_damaged_data(tmp_path, tiny_world, tiny_teach
     max_diff = max(float((a[k] - b[k]).abs().max()) for k in a)
     print(f"\nsoak: {STEPS} steps on 2 ranks, killed (SIGKILL, rank 1) at step {kill_at}, resumed from step "
           f"{resumed_from}; samples skipped {skipped} (per rank images/texts: "
-          f"{[[s['skipped']['images'], s['skipped']['texts']] for s in clean]}), damaged shards per rank "
-          f"images/texts {damaged}, max weight difference vs uninterrupted {max_diff:g}")
+          f"{[[s['skipped']['images'], s['skipped']['texts']] for s in clean]}), damaged (shard, epoch) "
+          f"over ranks images/texts {damaged}, max weight difference vs uninterrupted {max_diff:g}")
     assert max_diff == 0.0
 
 
