@@ -39,6 +39,7 @@ class TensorDime(DimeObjective):
 
     def __init__(self, own_text: bool):
         self.loss_cfg, self.own_text, self._last, self.cid = LOSS_CFG, own_text, None, None
+        self.sources, self.weights, self.scales, self.combine, self.cid_teacher = [None], None, None, "prob", 0
 
     def targets(self, batch: dict) -> dict:
         return {"image": batch["t_img"], "text": batch["t_txt"]}
@@ -121,6 +122,7 @@ class TensorCid(TensorDime):
         from dime_ds.objectives.cid import CidTerms
 
         self.loss_cfg, self.own_text, self._last = loss_cfg, own_text, None
+        self.sources, self.weights, self.scales, self.combine, self.cid_teacher = [None], None, None, "prob", 0
         self.cid = CidTerms(loss_cfg, ClusterConfig(out_dir=str(cluster_dir)), DIM, cpu_context()) \
             if loss_cfg.w_cluster > 0 or loss_cfg.w_instance > 0 else None
 

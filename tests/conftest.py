@@ -57,6 +57,28 @@ def tiny_teacher_dir(tmp_path_factory):
     return out
 
 
+@pytest.fixture(scope="session")
+def tiny_teacher_b_dir(tmp_path_factory):
+    """A second tiny teacher for ensembles: another seed, another width (24) and text context (16)."""
+    import open_clip
+    import torch
+
+    from dime_ds.models import save_openclip_dir
+    from dime_ds.models.student import student_preprocess_cfg
+
+    out = tmp_path_factory.mktemp("tiny_teacher_b")
+    cfg = tiny_model_cfg(embed_dim=24, width=32)
+    torch.manual_seed(1)
+    model = open_clip.CLIP(**cfg)
+    save_openclip_dir(model.state_dict(), cfg, student_preprocess_cfg(cfg), out)
+    return out
+
+
+def ensemble_override(*teachers: str) -> str:
+    """ensemble.teachers=[...] for teacher sections written as `key:value,...` strings."""
+    return "ensemble.teachers=[" + ",".join("{" + t + "}" for t in teachers) + "]"
+
+
 def engine_overrides(work_dir, world_dir, teacher_dir, *extra: str) -> list[str]:
     """A seconds-long distillation run on the tiny world (demo student: 64-d, so it is projected)."""
     return ["experiment=demo", f"work_dir={work_dir}", f"data.root={world_dir}", f"data.texts={world_dir}/texts",

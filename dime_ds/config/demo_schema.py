@@ -46,6 +46,7 @@ class DemoComparison(Choice):
     cid = "cid"  # CLIP-CID's cluster and instance terms on the balanced pool (implies balance)
     views = "views"  # the teacher cached as one plain view (no augmentation) and as 4 augmented views
     families = "families"  # a second student family: a MobileNet-style timm tower beside the ViT
+    ensemble = "ensemble"  # a second teacher (another seed): students of A, of B and of the ensemble A+B
 
 
 @dataclass

@@ -117,6 +117,11 @@ class TextPool(Choice):
     curated = "curated"  # the curation stage's <curate.out_dir>/corpus
 
 
+class Combine(Choice):
+    prob = "prob"  # weighted mean of the teachers' softmax distributions (MobileCLIP2's default)
+    logit = "logit"  # softmax of the weighted mean of their (scaled) logits
+
+
 class ViewChoice(Choice):
     random = "random"
     round_robin = "round_robin"
@@ -140,9 +145,12 @@ class TeacherConfig:
     # Pretrained tag (openai, laion2b_s32b_b82k, ...) or a local weights file (.safetensors/.pt/.bin).
     pretrained: Optional[str] = "openai"
     precision: PrecisionName = PrecisionName.auto  # auto = fp16 on GPU, bf16 on CPU
-    shard: TeacherShard = TeacherShard.replicate
-    source: TeacherSource = TeacherSource.live
+    shard: TeacherShard = TeacherShard.replicate  # how the teacher is held: a copy per rank, or ZeRO-3 partitioned
+    source: TeacherSource = TeacherSource.live  # run the teacher, or read the embed stage's cache (cache_dir)
     cache_dir: Optional[str] = None  # embed-stage output directory, for source=cache
+    # This teacher's fixed logit scale in the DIME-FM targets (MobileCLIP's two teachers: 70 and 60);
+    # null: loss.scale, the student's. Each teacher of an ensemble has its own.
+    scale: Optional[float] = positive(None)
 
 
 @dataclass
@@ -152,7 +160,7 @@ class StudentConfig:
     # ignored when model_cfg is given
     arch: str = "ViT-B-32"
     model_cfg: Optional[Dict[str, Any]] = None  # inline OpenCLIP model config (embed_dim, vision_cfg, text_cfg)
-    text: StudentText = StudentText.teacher
+    text: StudentText = StudentText.teacher  # the text tower: the teacher's, frozen, or the student's own, distilled
     # Local weights to start the image tower from (.safetensors, or a torch file read weights-only): a
     # timm or OpenCLIP state dict; keys are matched to the tower and the match is reported. null: random
     init_image: Optional[str] = None
@@ -165,9 +173,9 @@ class DataConfig:
     corpus: Optional[str] = None  # the raw sentence corpus the embed/match stages ground; null: data.texts
     paired: Optional[str] = None  # image-caption shards (CLIP-loss training: demo teacher, baseline)
     workers: Any = "auto"  # loader processes per rank: auto (from the rank's cores: data/workers.py) or a count
-    shuffle_buffer: int = 1000
+    shuffle_buffer: int = 1000  # samples each loader worker shuffles among
     augment: bool = True  # random resized crop + horizontal flip, as in the paper
-    crop_scale_min: float = fraction(0.5)
+    crop_scale_min: float = fraction(0.5)  # smallest crop area (share of the image) of the random resized crop
     # a keep list (one image key a line) or the semantic_balance stage's out dir (its keep.txt): the
     # training image stream skips, and counts, the images not in it (no shard is rewritten)
     keep: Optional[str] = None
@@ -176,21 +184,21 @@ class DataConfig:
 @dataclass
 class LossConfig:
     objective: Objective = Objective.dime  # the training objective this loss section configures
-    w_vl: float = non_negative(0.7)
-    w_pvl: float = non_negative(0.3)
-    w_ud: float = non_negative(0.0)
-    t_vl: float = positive(1.0)
-    t_pvl: float = positive(3.0)
-    t_ud: float = positive(7.0)
+    w_vl: float = non_negative(0.7)  # weight of L_vl, the image-text KD
+    w_pvl: float = non_negative(0.3)  # weight of L_pvl, the pseudo image-text KD
+    w_ud: float = non_negative(0.0)  # weight of L_ud, the uni-modal KD
+    t_vl: float = positive(1.0)  # temperature of L_vl
+    t_pvl: float = positive(3.0)  # temperature of L_pvl
+    t_ud: float = positive(7.0)  # temperature of L_ud
     scale: float = positive(100.0)  # fixed logit scale of the cosine similarities
     # CLIP-CID terms beside DIME-FM's (objective dime only): total += w_cluster * cluster + w_instance *
     # instance. 0 leaves a run exactly DIME-FM. Scale, margin and temperature are the UNICOM/MLCD line's;
     # CLIP-CID's own values are not public (docs/design.md).
     w_cluster: float = non_negative(0.0)  # cluster discrimination over the k-means centres of `cluster.out_dir`
     w_instance: float = non_negative(0.0)  # instance discrimination: student images against the teacher's, InfoNCE
-    cluster_scale: float = positive(32.0)
+    cluster_scale: float = positive(32.0)  # CLIP-CID cluster term: logit scale of the margin softmax
     cluster_margin: float = non_negative(0.3)  # additive angular margin on the pseudo-class, radians
-    instance_temperature: float = positive(0.07)
+    instance_temperature: float = positive(0.07)  # CLIP-CID instance term: InfoNCE temperature
     # Share of the negative centres scored per step (all positives of the global batch always are):
     # 1 is the exact softmax; partial FC's 0.1 pays off only at 10^5-10^6 centres.
     cluster_sample_rate: float = field(default=1.0, metadata={CHECK: "positive_fraction"})
@@ -198,19 +206,36 @@ class LossConfig:
 
 
 @dataclass
+class EnsembleConfig:
+    """Teachers beside `teacher` (MobileCLIP/MobileCLIP2's ensembles): every DIME-FM term takes the
+    combined distribution of all of them as its target. `teacher` stays the first: its text tower is
+    the one student.text=teacher borrows, and its space the one the student's exported embedding lives
+    in; the student learns one extra image projection per further teacher (training only, for L_pvl).
+    Command line: ensemble.teachers=[{arch:'local-dir:/b',pretrained:null}]."""
+
+    # Further teacher sections, each as `teacher` has them (arch, pretrained, precision, shard, source,
+    # cache_dir, scale); a cached one with cache_dir null reads ${match.embed_dir}/teacher<i> (i = 1, 2, ...),
+    # where the embed stage writes it
+    teachers: List[TeacherConfig] = field(default_factory=list)
+    weights: Optional[List[float]] = None  # one per teacher, `teacher` first; null: equal; normalised to sum 1
+    combine: Combine = Combine.prob  # how the teachers' distributions are combined into each term's target
+    cid_teacher: int = non_negative(0)  # the teacher whose space CLIP-CID's terms use (0: `teacher`)
+
+
+@dataclass
 class OptimConfig:
-    name: OptimizerName = OptimizerName.adamw
-    lr: float = positive(8e-4)
-    weight_decay: float = non_negative(0.05)
-    betas: List[float] = field(default_factory=lambda: [0.9, 0.98])
-    eps: float = positive(1e-6)
+    name: OptimizerName = OptimizerName.adamw  # the optimizer
+    lr: float = positive(8e-4)  # peak learning rate (after warmup)
+    weight_decay: float = non_negative(0.05)  # AdamW weight decay, on weight matrices only (engine/param_groups.py)
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.98])  # AdamW betas
+    eps: float = positive(1e-6)  # AdamW epsilon
     schedule: Schedule = Schedule.cosine  # both after linear warmup
-    warmup_steps: int = non_negative(1000)
-    min_lr: float = non_negative(0.0)
+    warmup_steps: int = non_negative(1000)  # linear warmup steps
+    min_lr: float = non_negative(0.0)  # learning rate at the end of the cosine schedule
     steps: int = positive(10000)  # optimizer steps of the whole run
     global_batch_size: int = positive(4096)  # images (and sentences) per optimizer step, all ranks together
-    grad_accum: int = positive(1)
-    grad_clip: float = non_negative(1.0)
+    grad_accum: int = positive(1)  # micro-batches per optimizer step; the loss spans all of them (engine/accumulate.py)
+    grad_clip: float = non_negative(1.0)  # gradient norm clip; 0: none
     # torch's fused AdamW kernel (CPU and CUDA): one pass over the fp32 masters per step instead of
     # one per arithmetic op; a ViT-S-32's engine step 555 -> 217 ms on a CPU (bench/profile_step.py)
     fused: bool = True
@@ -218,20 +243,20 @@ class OptimConfig:
 
 @dataclass
 class DistConfig:
-    backend: Backend = Backend.auto
+    backend: Backend = Backend.auto  # collective backend
     # auto (zero0 on one rank, zero1 on more: engine/ds_config.py) | a name in ds_configs/ | a path to a
     # DeepSpeed JSON (engine knobs only)
     ds_config: str = "auto"
-    timeout_min: int = 30
-    # Training: a rank whose heartbeat stops this long is taken as dead and the others end (status 3,
-    # requeued, resumed from latest) instead of waiting timeout_min in a collective; 0 = no heartbeats.
+    timeout_min: int = 30  # collective timeout: how long a rank waits in a collective before failing
+    # Every multi-rank stage: a rank whose heartbeat stops this long is taken as dead and the others end
+    # (status 3, requeued within slurm.max_requeues) instead of waiting timeout_min; 0 = no heartbeats.
     dead_rank_s: float = 60.0
 
 
 @dataclass
 class LogConfig:
-    tensorboard: bool = True
-    every_n_steps: int = positive(10)
+    tensorboard: bool = True  # write TensorBoard events under <run_dir>/tensorboard (rank 0)
+    every_n_steps: int = positive(10)  # log and write scalars every N optimizer steps
     progress: bool = True  # console progress bars with ETA (rank 0)
     # One device's peak TFLOP/s in the training precision (dense, e.g. 989 for an H100 SXM in bf16):
     # perf/mfu = perf/model_tflops_per_device / this; null: the achieved TFLOP/s alone
@@ -240,10 +265,10 @@ class LogConfig:
 
 @dataclass
 class CkptConfig:
-    dir: str = "${run_dir}/checkpoints"
-    every_n_steps: int = non_negative(1000)
+    dir: str = "${run_dir}/checkpoints"  # where checkpoints go
+    every_n_steps: int = non_negative(1000)  # checkpoint every N steps; 0: at the end (and when stopped) only
     resume: Optional[str] = None  # latest | a checkpoint tag | null
-    keep_last: int = positive(3)
+    keep_last: int = positive(3)  # checkpoints kept (older ones deleted)
 
 
 @dataclass
@@ -251,17 +276,21 @@ class MatchConfig:
     stop_ratio: float = fraction(0.95)  # stop when a round keeps more than this share of remaining images
     topk: int = positive(16)  # candidate list length per image, reused across rounds
     block_size: int = positive(1_000_000)  # text embeddings searched per block
-    index: MatchIndex = MatchIndex.flat
-    nlist: int = 4096
-    nprobe: int = 32
+    index: MatchIndex = MatchIndex.flat  # faiss index of Algorithm 1's text search
+    nlist: int = 4096  # index=ivf: inverted lists
+    nprobe: int = 32  # index=ivf: lists searched per query
     text_map: Optional[str] = None  # optional linear map (.npy, d x d) applied to text embeddings
     # the sentence pool the embed and match stages ground: raw = data.corpus (else data.texts) |
     # curated = the curation stage's <curate.out_dir>/corpus (pipeline curate -> embed -> match -> distill)
     pool: TextPool = TextPool.raw
+    # where the embed stage writes (and the match stage reads) the teacher's caches
     embed_dir: str = "${work_dir}/embeddings"
-    out_dir: str = "${work_dir}/grounded"
-    batch_size: int = positive(256)
+    out_dir: str = "${work_dir}/grounded"  # where the match stage writes the grounded corpus, assignment and report
+    batch_size: int = positive(256)  # samples per teacher forward in the embed stage
     stage: MatchStage = MatchStage.match  # what `python -m dime_ds.match` runs
+    # With an ensemble: null scores image-sentence pairs by the weighted mean of every teacher's cosine
+    # similarity (ensemble.weights); i: by teacher i alone (0: `teacher`)
+    teacher: Optional[int] = non_negative(None)
     shard_size: int = 10000  # grounded-corpus samples per output tar shard
 
 
@@ -294,7 +323,7 @@ class CurateConfig:
     target_size: Optional[int] = None  # or: the t whose expected curated size is this many sentences
     tail_share: Optional[float] = None  # or: the t whose tail share p(t) is this (MetaCLIP's carry-over)
     seed: int = 0  # the keep draw of a sentence hashes (seed, its key)
-    out_dir: str = "${work_dir}/curated"
+    out_dir: str = "${work_dir}/curated"  # curated corpus, report and plots
     top_entries: int = positive(30)  # largest entries listed in the report
 
 
@@ -321,7 +350,7 @@ class ClusterConfig:
 
     k: int = positive(1000)  # number of pseudo-classes (CLIP-CID's line uses up to 10^6; the paper's value is not public)
     niter: int = positive(20)  # k-means iterations
-    seed: int = 0
+    seed: int = 0  # k-means initialisation
     out_dir: str = "${match.embed_dir}/clusters"  # centroids.npy, labels.npz, manifest.json
 
 
@@ -331,7 +360,7 @@ class EvalDatasetConfig:
     # ImageFolder tree (one subdirectory per class); split subdirectories (test/, train/) are used
     # when present.
     path: str = MISSING
-    task: EvalTask = EvalTask.zeroshot
+    task: EvalTask = EvalTask.zeroshot  # what is measured on the dataset
     metric: EvalMetric = EvalMetric.top1  # classification headline
     split: str = "test"  # subdirectory evaluated when it exists, else the directory itself
     train_split: str = "train"  # linear probe: subdirectory the classifier is fit on
@@ -357,21 +386,22 @@ class LinearProbeConfig:
 class EvalConfig:
     suite: str = "none"  # the suite's name (each configs/eval/*.yaml sets its own)
     root: str = "${work_dir}/eval_data"  # where suite configs look for their datasets
+    # name -> dataset section (eval.datasets.<name>.path, task, ...); set by the suite
     datasets: Dict[str, EvalDatasetConfig] = field(default_factory=dict)
     every_n_steps: int = non_negative(0)  # periodic eval during distillation; 0 = off
     periodic_tasks: List[EvalTask] = field(  # tasks run during training
         default_factory=lambda: [EvalTask.zeroshot, EvalTask.retrieval])
-    batch_size: int = positive(256)
+    batch_size: int = positive(256)  # images per forward
     workers: int = non_negative(2)  # image decoding processes per rank
     precision: PrecisionName = PrecisionName.auto  # auto: fp16 on GPU, fp32 on CPU
     probe: LinearProbeConfig = field(default_factory=LinearProbeConfig)
     # `python -m dime_ds.eval model=... [teacher=...]`: a dime_ds run or checkpoint directory, an
     # exported OpenCLIP directory, local-dir:/hf-hub:, or an OpenCLIP architecture with eval.pretrained.
     model: Optional[str] = None
-    pretrained: Optional[str] = None
+    pretrained: Optional[str] = None  # pretrained tag or weights file for eval.model given as an architecture name
     # auto: the run's own teacher when eval.model is a dime_ds checkpoint | none | a model as above.
     teacher: Optional[str] = "auto"
-    teacher_pretrained: Optional[str] = None
+    teacher_pretrained: Optional[str] = None  # the same for eval.teacher
     out_dir: Optional[str] = None  # reports; null: <run dir>/eval for a checkpoint, else ${work_dir}/eval
 
 
@@ -399,12 +429,13 @@ class SlurmConfig:
 
 @dataclass
 class RootConfig:
-    name: str = "dime_ds"
+    name: str = "dime_ds"  # run name: the run directory and TensorBoard's label
     work_dir: str = "work"  # embeddings, grounded corpus, runs (and the demo's world); relative paths are made absolute
-    run_dir: str = "${work_dir}/runs/${name}"
-    seed: int = 0
-    device: Device = Device.auto
+    run_dir: str = "${work_dir}/runs/${name}"  # checkpoints, TensorBoard, config.yaml, eval reports of this run
+    seed: int = 0  # seeds the student's initialisation, data order, augmentation and sampling
+    device: Device = Device.auto  # where models run
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    ensemble: EnsembleConfig = field(default_factory=EnsembleConfig)
     student: StudentConfig = field(default_factory=StudentConfig)
     data: DataConfig = field(default_factory=DataConfig)
     loss: LossConfig = field(default_factory=LossConfig)

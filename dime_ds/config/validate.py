@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from dime_ds.config.schema import CHECK
 from dime_ds.errors import UserError
@@ -35,6 +35,10 @@ def _range_errors(node: DictConfig, prefix: str = "") -> list[str]:
         value = node[f.name]
         if isinstance(value, DictConfig):
             errors += _range_errors(value, f"{prefix}{f.name}.")
+        elif isinstance(value, ListConfig):  # a list of sections (ensemble.teachers)
+            for i, item in enumerate(value):
+                if isinstance(item, DictConfig):
+                    errors += _range_errors(item, f"{prefix}{f.name}[{i}].")
         elif CHECK in f.metadata and value is not None:
             words, ok = RULES[f.metadata[CHECK]]
             if not ok(value):
@@ -62,6 +66,10 @@ def _unknown_keys(node: DictConfig, prefix: str = "") -> list[str]:
                          f"(known: {', '.join(sorted(fields))})")
         elif not OmegaConf.is_missing(node, key) and isinstance(node[key], DictConfig):
             found.extend(_unknown_keys(node[key], f"{prefix}{key}."))
+        elif not OmegaConf.is_missing(node, key) and isinstance(node[key], ListConfig):
+            for i, item in enumerate(node[key]):
+                if isinstance(item, DictConfig):
+                    found.extend(_unknown_keys(item, f"{prefix}{key}[{i}]."))
     return found
 
 
@@ -86,9 +94,12 @@ def validate(cfg: DictConfig) -> None:
         errors.append(f"optim.betas={list(optim.betas)} must be two numbers in [0, 1)")
     if teacher.source == "cache" and not teacher.cache_dir:
         errors.append("teacher.source=cache needs teacher.cache_dir (the embed stage's output directory)")
-    if teacher.source == "cache" and teacher.shard == "zero3":
-        errors.append("teacher.shard=zero3 contradicts teacher.source=cache: a cached teacher has no "
-                      "parameters to partition; use teacher.shard=replicate")
+    for i, t in enumerate([teacher, *cfg.ensemble.teachers]):
+        key = "teacher" if i == 0 else f"ensemble.teachers[{i - 1}]"
+        if t.source == "cache" and t.shard == "zero3":
+            errors.append(f"{key}.shard=zero3 contradicts {key}.source=cache: a cached teacher has no "
+                          f"parameters to partition; use {key}.shard=replicate")
+    errors.extend(_ensemble_errors(cfg))
     if loss.objective != "dime" and (loss.w_cluster > 0 or loss.w_instance > 0):
         errors.append(f"loss.w_cluster / loss.w_instance are CLIP-CID terms of the DIME-FM objective; "
                       f"loss.objective={loss.objective} has no teacher to take them from: set them to 0")
@@ -106,6 +117,26 @@ def validate(cfg: DictConfig) -> None:
     errors.extend(_curate_errors(cfg.curate, cfg.match.pool))
     if errors:
         raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(errors))
+
+
+def _ensemble_errors(cfg: DictConfig) -> list[str]:
+    e, errors = cfg.ensemble, []
+    n = 1 + len(e.teachers)
+    if e.weights is not None:
+        weights = list(e.weights)
+        if len(weights) != n:
+            errors.append(f"ensemble.weights={weights} gives {len(weights)} weight(s) for {n} teacher(s) "
+                          "(`teacher` first, then ensemble.teachers)")
+        elif any(w < 0 for w in weights) or not sum(weights) > 0:
+            errors.append(f"ensemble.weights={weights} must be >= 0 with a positive sum")
+    if e.cid_teacher >= n:
+        errors.append(f"ensemble.cid_teacher={e.cid_teacher}: there are {n} teacher(s), numbered from 0 (`teacher`)")
+    if cfg.match.teacher is not None and cfg.match.teacher >= n:
+        errors.append(f"match.teacher={cfg.match.teacher}: there are {n} teacher(s), numbered from 0 (`teacher`)")
+    if e.teachers and cfg.loss.objective != "dime":
+        errors.append(f"ensemble.teachers are DIME-FM's targets; loss.objective={cfg.loss.objective} uses no "
+                      "teacher: drop ensemble.teachers")
+    return errors
 
 
 def _curate_errors(c, pool: str) -> list[str]:

@@ -11,7 +11,8 @@
    stages and students: `curation` (the corpus curated with MetaCLIP, then grounded), `balance`
    (the image pool semantically balanced, scored against the planted duplicates), `cid` (CLIP-CID's
    cluster and instance terms on the balanced pool), `views` (the teacher cached as one plain view
-   without augmentation, and as 4 augmented views);
+   without augmentation, and as 4 augmented views), `families` (a MobileNet-style timm student),
+   `ensemble` (a second teacher from another seed; students of A, of B and of A+B);
 6. trains the same student architecture from scratch with the CLIP loss on as many *paired*
    samples, the yardstick;
 7. evaluates the models with `dime_ds.eval` (the students from their checkpoints) and prints one
@@ -31,54 +32,13 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-from open_clip.factory import parse_model_name
-
 from dime_ds.cli import run_entry
-from dime_ds.config import ConfigError, load_config
+from dime_ds.config import load_config
 from dime_ds.config.schema import RootConfig
-from dime_ds.demo.synthetic import write_world
+from dime_ds.demo.teacher import ensure_teacher, student_overrides, teacher_dir
 from dime_ds.models import read_openclip_dir
 
 log = logging.getLogger("dime_ds.demo")
-
-
-def teacher_dir(cfg: RootConfig) -> Path:
-    schema, path = parse_model_name(cfg.teacher.arch)
-    if schema != "local-dir":
-        raise ConfigError(f"the demo trains its own teacher: teacher.arch must be local-dir:<dir>, "
-                          f"not {cfg.teacher.arch}")
-    return Path(path)
-
-
-STUDENT_ONLY = ("optim.", "loss.", "student.", "eval.", "ckpt.", "teacher.", "name=")
-
-
-TEACHER_ONLY = "pretrain."
-
-
-def teacher_overrides(overrides: Sequence[str]) -> list[str]:
-    return [o[len(TEACHER_ONLY):] if o.startswith(TEACHER_ONLY) else o for o in overrides
-            if o.startswith(TEACHER_ONLY) or not o.lstrip("+~").startswith(STUDENT_ONLY)]
-
-
-def student_overrides(overrides: Sequence[str]) -> list[str]:
-    return [o for o in overrides if not o.startswith(TEACHER_ONLY)]
-
-
-def ensure_teacher(overrides: Sequence[str], out_dir: Path) -> dict | None:
-    """Train the demo teacher unless a current one (same recipe) is already there."""
-    from dime_ds.demo.teacher import is_current, pretrain_clip, recipe_hash
-
-    cfg = load_config(["experiment=demo_teacher", *teacher_overrides(overrides)])
-    write_world(cfg.data.root, cfg.data.synthetic)
-    if is_current(out_dir, cfg):
-        log.info("demo teacher in %s is current; reusing it", out_dir)
-        return None
-    # One run directory per recipe: resuming an interrupted pretraining never mixes recipes.
-    recipe = recipe_hash(cfg)
-    cfg = load_config(["experiment=demo_teacher", *teacher_overrides(overrides),
-                       f"run_dir={cfg.work_dir}/runs/demo_teacher-{recipe}"])
-    return pretrain_clip(cfg, out_dir)
 
 
 def _models_table(distill_cfg: RootConfig, summaries: dict, teacher_speed: float) -> dict:
@@ -124,6 +84,9 @@ def main(overrides: Sequence[str]) -> int:
     cfgs = {s.experiment: config(s.experiment) for c in comparisons for s in c.students}
     baseline_cfg = config("demo_baseline")
     trained = ensure_teacher(overrides, teacher_dir(distill_cfg))
+    for c in comparisons:  # further teachers (the ensemble's teacher B), each where its student reads it
+        for experiment, student in c.teachers:
+            ensure_teacher(overrides, teacher_dir(cfgs[student]), experiment)
     grounding = ground(distill_cfg)
     prepared = {c.name: c.prepare(cfgs, distill_cfg) for c in comparisons}
 

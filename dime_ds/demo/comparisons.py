@@ -46,6 +46,8 @@ def _percent(results: dict, column: str, dataset: str = "shape") -> str:
 class Comparison:
     name: str
     students: tuple[Student, ...]
+    # Further demo teachers to train first: (their experiment, the student experiment that reads them)
+    teachers: tuple[tuple[str, str], ...] = ()
 
     def prepare(self, cfgs: dict[str, RootConfig], raw: RootConfig) -> dict:
         """The stages the students need, before any of them trains."""
@@ -222,7 +224,28 @@ class Families(Comparison):
         return ["\nStudent families (the same teacher, grounded corpus and schedule):", *rows], record
 
 
-COMPARISONS = {c.name: c for c in (Curation(), Balance(), Cid(), Views(), Families())}
+class Ensemble(Comparison):
+    """Teacher ensembles #25: teacher B (the demo teacher's recipe from another seed) beside teacher A;
+    students distilled from A (the raw column), from B, and from A+B (mean of their softmax
+    distributions), on the same grounded corpus and schedule."""
+
+    name = "ensemble"
+    students = (Student("student DIME-FM (teacher B)", "demo_from_b"),
+                Student("student DIME-FM (teachers A+B)", "demo_ensemble"))
+    teachers = (("demo_teacher_b", "demo_from_b"),)
+
+    def lines(self, cfgs, raw, prepared, results, summaries):
+        columns = {"A": RAW_COLUMN, "B": self.students[0].column, "A+B": self.students[1].column}
+        record = {name: {"shape": results[c]["shape"]["top1"],
+                         "captions_i2t_r1": results[c]["captions"].get("image_to_text_R@1"),
+                         "samples_per_s": summaries[c].get("samples_per_s", 0)} for name, c in columns.items()}
+        rows = [f"  from {name}: zero-shot shape {100 * r['shape']:.1f} %, {r['samples_per_s']:.0f} samples/s"
+                for name, r in record.items()]
+        return ["\nTeacher ensemble (A = the demo teacher, B = its recipe from seed 1; one seed here, "
+                "`python -m dime_ds.demo.ensemble_study seeds=3` for mean and sd):", *rows], record
+
+
+COMPARISONS = {c.name: c for c in (Curation(), Balance(), Cid(), Views(), Families(), Ensemble())}
 
 
 def selected(names) -> list[Comparison]:

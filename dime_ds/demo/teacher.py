@@ -11,10 +11,15 @@ import logging
 import time
 from pathlib import Path
 
+from typing import Sequence
+
 from omegaconf import OmegaConf
+from open_clip.factory import parse_model_name
 from safetensors.torch import load_file
 
+from dime_ds.config import ConfigError, load_config
 from dime_ds.config.schema import RootConfig
+from dime_ds.demo.synthetic import write_world
 from dime_ds.data.shards import list_shards, sha256_file
 from dime_ds.training import run_training
 from dime_ds.models import build_student, read_openclip_dir, save_openclip_dir, student_preprocess_cfg
@@ -66,3 +71,41 @@ def pretrain_clip(cfg: RootConfig, out_dir: str | Path) -> dict:
     save_openclip_dir(state, model_cfg, student_preprocess_cfg(model.model_cfg), out_dir, extra=extra)
     log.info("saved the teacher to %s: %s", out_dir, extra)
     return summary
+
+
+def teacher_dir(cfg: RootConfig) -> Path:
+    """Where the demo keeps the teacher `cfg.teacher` names (a local-dir: model directory it trains)."""
+    schema, path = parse_model_name(cfg.teacher.arch)
+    if schema != "local-dir":
+        raise ConfigError(f"the demo trains its own teacher: teacher.arch must be local-dir:<dir>, "
+                          f"not {cfg.teacher.arch}")
+    return Path(path)
+
+
+STUDENT_ONLY = ("optim.", "loss.", "student.", "eval.", "ckpt.", "teacher.", "name=")
+
+
+TEACHER_ONLY = "pretrain."
+
+
+def teacher_overrides(overrides: Sequence[str]) -> list[str]:
+    return [o[len(TEACHER_ONLY):] if o.startswith(TEACHER_ONLY) else o for o in overrides
+            if o.startswith(TEACHER_ONLY) or not o.lstrip("+~").startswith(STUDENT_ONLY)]
+
+
+def student_overrides(overrides: Sequence[str]) -> list[str]:
+    return [o for o in overrides if not o.startswith(TEACHER_ONLY)]
+
+
+def ensure_teacher(overrides: Sequence[str], out_dir: Path, experiment: str = "demo_teacher") -> dict | None:
+    """Train a demo teacher (`experiment`: its recipe) unless a current one (same recipe) is already there."""
+    cfg = load_config([f"experiment={experiment}", *teacher_overrides(overrides)])
+    write_world(cfg.data.root, cfg.data.synthetic)
+    if is_current(out_dir, cfg):
+        log.info("demo teacher in %s is current; reusing it", out_dir)
+        return None
+    # One run directory per recipe: resuming an interrupted pretraining never mixes recipes.
+    recipe = recipe_hash(cfg)
+    cfg = load_config([f"experiment={experiment}", *teacher_overrides(overrides),
+                       f"run_dir={cfg.work_dir}/runs/{experiment}-{recipe}"])
+    return pretrain_clip(cfg, out_dir)

@@ -32,9 +32,10 @@ from dime_ds.data.shards import sha256_file
 from dime_ds.data.views import ViewRecipe, apply_view
 from dime_ds.distributed.stage import StageContext, agreed, on_main, stage
 from dime_ds.models import Teacher
+from dime_ds.models.teacher import teacher_name
 
 if TYPE_CHECKING:
-    from dime_ds.config.schema import MatchConfig, RootConfig, TeacherConfig
+    from dime_ds.config.schema import MatchConfig, RootConfig
 
 log = logging.getLogger(__name__)
 
@@ -217,19 +218,15 @@ def _encode(teacher: Teacher, modality: str, batch: list) -> np.ndarray:
     return teacher.encode_text(teacher.tokenizer(batch)).cpu().numpy()
 
 
-def teacher_name(teacher_cfg: TeacherConfig) -> str:
-    """The model name recorded in a cache manifest: the architecture, with its pretrained tag."""
-    return str(teacher_cfg.arch) + (f"@{teacher_cfg.pretrained}" if teacher_cfg.pretrained else "")
-
-
 def _embed_modality(ctx: StageContext, teacher: Teacher, model: str, spec: str, modality: str,
-                    match_cfg: MatchConfig, progress: bool, views: ViewRecipe | None = None) -> dict:
+                    match_cfg: MatchConfig, progress: bool, views: ViewRecipe | None = None,
+                    embed_dir: str | None = None) -> dict:
     """One modality on every rank: each rank its shards, then (once all agree they succeeded) rank 0
-    the manifest, which every rank returns."""
+    the manifest, which every rank returns. `embed_dir`: where (default match.embed_dir)."""
     from dime_ds.data.shards import list_shards
 
     urls = agreed(list_shards, spec, what=f"listing the {modality} shards")
-    out_dir = Path(match_cfg.embed_dir) / modality
+    out_dir = Path(embed_dir or match_cfg.embed_dir) / modality
     if ctx.is_main:
         log.info("embedding %d %s shard(s) of %s into %s on %d rank(s)", len(urls), modality, spec, out_dir,
                  ctx.world_size)
@@ -252,19 +249,29 @@ def run_embed_stage(cfg: RootConfig) -> dict:
     """`python -m dime_ds.match stage=embed`: the configured teacher embeds data.images and data.corpus
     (data.texts when null; with match.pool=curated the curated pool <curate.out_dir>/corpus) into
     `<match.embed_dir>/images` and `/texts` (embed.views=K > 1: K views per image, see
-    dime_ds.data.views), on every rank of the job (a
-    process group is made when the world has several ranks and none exists). Each rank embeds input
-    shards i % world == rank; finished shards from unchanged sources are skipped; rank 0 writes each
-    manifest once all ranks are done. A failure on any rank is raised on every rank. Returns
-    {modality: manifest} on every rank."""
+    dime_ds.data.views), on every rank of the job (a process group is made when the world has several
+    ranks and none exists). Each rank embeds input shards i % world == rank; finished shards from
+    unchanged sources are skipped; rank 0 writes each manifest once all ranks are done. A failure on
+    any rank is raised on every rank. An ensemble's further teachers follow, one at a time, each into
+    its own directory (config.teachers.teacher_embed_dir), with the same views: view parameters come
+    from (embed.seed, key, view) alone. Returns {modality: manifest} of `teacher` on every rank, with
+    the further teachers' under "ensemble" (a list) when there are any."""
+    from dime_ds.config.teachers import teacher_embed_dir, teacher_list
     from dime_ds.data.text_pool import text_pool
     from dime_ds.models import load_teacher
 
     with stage(cfg.dist, cfg.device) as ctx:
         texts = agreed(text_pool, cfg, what="finding the sentence pool")  # the pool the match stage grounds
-        teacher = agreed(load_teacher, cfg.teacher, ctx.device, what="loading the teacher")
-        model = teacher_name(cfg.teacher)
         views = ViewRecipe.from_config(cfg)
-        return {modality: _embed_modality(ctx, teacher, model, spec, modality, cfg.match, bool(cfg.log.progress),
-                                          views if modality == "images" else None)
-                for modality, spec in (("images", cfg.data.images), ("texts", texts))}
+        results = []
+        for i, teacher_cfg in enumerate(teacher_list(cfg)):
+            teacher = agreed(load_teacher, teacher_cfg, ctx.device, what=f"loading teacher {i}")
+            model, embed_dir = teacher_name(teacher_cfg), teacher_embed_dir(cfg, i)
+            if ctx.is_main and i > 0:
+                log.info("ensemble teacher %d (%s) -> %s", i, model, embed_dir)
+            results.append({modality: _embed_modality(ctx, teacher, model, spec, modality, cfg.match,
+                                                      bool(cfg.log.progress), views if modality == "images" else None,
+                                                      embed_dir)
+                            for modality, spec in (("images", cfg.data.images), ("texts", texts))})
+            del teacher  # one teacher in memory at a time
+        return {**results[0], "ensemble": results[1:]} if len(results) > 1 else results[0]

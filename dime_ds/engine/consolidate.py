@@ -223,7 +223,10 @@ def student_from_state(cfg: RootConfig, state: dict[str, torch.Tensor]) -> Stude
     """The run's student (fp32, eval mode) holding `state`. The teacher's width is read off the
     projection, so no teacher weights are needed."""
     target_dim = state["image_proj.weight"].shape[0] if "image_proj.weight" in state else None
-    student = build_run_student(cfg.student, cfg.teacher, target_dim, init=False)
+    heads = sorted((int(m.group(1)), state[k].shape[0]) for k in state
+                   if (m := re.fullmatch(r"ensemble_proj\.(\d+)\.weight", k)))  # an ensemble's further teachers
+    student = build_run_student(cfg.student, cfg.teacher, target_dim, init=False,
+                                ensemble_dims=[dim for _, dim in heads])
     own = student.state_dict()
     if set(own) != set(state):
         raise CheckpointError(f"the checkpoint does not hold the student its config builds: missing "

@@ -84,7 +84,8 @@ class Trainer:
         self.objective = build_objective(cfg, RunContext(world, device, micro, self.precision, cfg.seed,
                                                          zero3_wrap=zero3_inference))
         torch.manual_seed(cfg.seed)  # identical initial student on every rank
-        student = build_run_student(cfg.student, cfg.teacher, self.objective.target_dim)
+        student = build_run_student(cfg.student, cfg.teacher, self.objective.target_dim,
+                                    ensemble_dims=self.objective.ensemble_dims)
         if self.precision.half:
             batchnorm_in_fp32(student)
         attach_objective_module(student, self.objective.trainable_module(), ds_config)
@@ -110,14 +111,14 @@ class Trainer:
         """FLOPs per sample of this run's models, on meta-device copies; a model the counter cannot
         build costs the readout, never the run."""
         try:
-            teacher = self.objective.live_teacher_cfg()
+            teachers = self.objective.live_teacher_cfgs()
             # the counted copies' initialisers draw nothing from the run's CPU RNG (meta tensors use no
             # CUDA generator: devices=[] also spares fork_rng's warning on multi-GPU nodes)
             with torch.random.fork_rng(devices=[]):
                 student = student_flops(lambda: build_run_student(cfg.student, cfg.teacher, self.objective.target_dim,
-                                                                  init=False),
+                                                                  init=False, ensemble_dims=self.objective.ensemble_dims),
                                         with_text=self.student.has_text)
-                return ModelFlops(student=student, teacher=teacher_flops(teacher) if teacher is not None else 0)
+                return ModelFlops(student=student, teacher=sum(teacher_flops(t) for t in teachers))
         except Exception as err:  # noqa: BLE001 - a readout
             log.warning("model FLOPs not counted (%s: %s): no perf/model_tflops_per_device", type(err).__name__, err)
             return None

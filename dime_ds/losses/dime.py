@@ -18,13 +18,13 @@ global batch):
 """
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Protocol
 
 import torch
 
 from dime_ds.distributed import collectives as C
-from dime_ds.losses.functional import DimeFeatures, clip_loss_block, dime_losses_block, normalize
+from dime_ds.losses.functional import DimeFeatures, SpaceFeatures, clip_loss_block, dime_losses_block, normalize
 
 DIME_KEYS = ("w_vl", "w_pvl", "w_ud", "t_vl", "t_pvl", "t_ud", "scale")
 
@@ -55,14 +55,26 @@ def gather_features(feats: DimeFeatures) -> DimeFeatures:
     return DimeFeatures(C.gather_no_grad(feats.t_img), t_txt, C.gather_with_grad(feats.s_img), s_txt)
 
 
+def gather_space(feats: SpaceFeatures) -> SpaceFeatures:
+    """A further teacher's features of all ranks: the teacher's without gradient, the student's with."""
+    return SpaceFeatures(C.gather_no_grad(feats.t_img), C.gather_no_grad(feats.t_txt), C.gather_with_grad(feats.s_img))
+
+
 def dime_loss(t_img: torch.Tensor, t_txt: torch.Tensor, s_img: torch.Tensor, s_txt: torch.Tensor,
-              loss_cfg: LossWeights) -> dict[str, torch.Tensor]:
+              loss_cfg: LossWeights, extra: Sequence[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = (),
+              weights: Sequence[float] | None = None, scales: Sequence[float] | None = None,
+              combine: str = "prob") -> dict[str, torch.Tensor]:
     """This rank's DIME-FM losses (`vl`, `pvl`, `ud`, `total`) from its raw local embeddings.
-    `s_txt is t_txt` means the student uses the teacher's frozen text tower. See the module docstring
-    for the equal-share requirement and how the local losses relate to the global batch; use
+    `s_txt is t_txt` means the student uses the teacher's frozen text tower. An ensemble's further
+    teachers come in `extra` as (t_img, t_txt, the student's images in that teacher's space), with one
+    weight and scale per teacher (functional.dime_losses_block). See the module docstring for the
+    equal-share requirement and how the local losses relate to the global batch; use
     `reduce_for_logging` for the global values."""
     rows = DimeFeatures.of(t_img, t_txt, s_img, s_txt)
-    return dime_losses_block(rows, gather_features(rows), **dime_kwargs(loss_cfg))
+    extra_rows = [SpaceFeatures.of(*e) for e in extra]
+    return dime_losses_block(rows, gather_features(rows), **dime_kwargs(loss_cfg), extra_rows=extra_rows,
+                             extra_cols=[gather_space(e) for e in extra_rows], weights=weights, scales=scales,
+                             combine=combine)
 
 
 def clip_loss(img: torch.Tensor, txt: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:

@@ -5,7 +5,8 @@ definition. Definitions: docs/design.md, "The method, precisely". Weights and te
 defaults here: their one owner is the `loss` config section (config/schema.py, LossConfig)."""
 from __future__ import annotations
 
-from typing import NamedTuple
+import math
+from typing import NamedTuple, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -15,14 +16,33 @@ def normalize(x: torch.Tensor) -> torch.Tensor:
     return F.normalize(x.float(), dim=-1)
 
 
-def kd_kl(teacher_logits: torch.Tensor, student_logits: torch.Tensor, temperature: float,
-          denominator: int | None = None) -> torch.Tensor:
-    """Row-wise KL(softmax(t/T) || softmax(s/T)), summed over columns, averaged over rows.
+def kl_rows(log_p_t: torch.Tensor, log_p_s: torch.Tensor, denominator: int | None = None) -> torch.Tensor:
+    """Row-wise KL(p_t || p_s) of log-probabilities, summed over columns, averaged over rows.
     `denominator` lets a rank holding a block of rows divide by the global row count."""
-    log_p_t = F.log_softmax(teacher_logits / temperature, dim=-1)
-    log_p_s = F.log_softmax(student_logits / temperature, dim=-1)
     per_row = (log_p_t.exp() * (log_p_t - log_p_s)).sum(dim=-1)
     return per_row.sum() / (denominator if denominator is not None else per_row.shape[0])
+
+
+def kd_kl(teacher_logits: torch.Tensor, student_logits: torch.Tensor, temperature: float,
+          denominator: int | None = None) -> torch.Tensor:
+    """Row-wise KL(softmax(t/T) || softmax(s/T)), summed over columns, averaged over rows."""
+    return kl_rows(F.log_softmax(teacher_logits / temperature, dim=-1),
+                   F.log_softmax(student_logits / temperature, dim=-1), denominator)
+
+
+def mixed_log_probs(logits: Sequence[torch.Tensor], weights: Sequence[float], temperature: float,
+                    combine: str = "prob") -> torch.Tensor:
+    """log of the teachers' combined distribution at temperature T: `prob` = log sum_k w_k softmax(l_k/T)
+    (MobileCLIP2's average after softmax), `logit` = log softmax(sum_k w_k l_k / T). One set of logits
+    is plain log_softmax(l/T), so a single teacher is exactly DIME-FM."""
+    if len(logits) == 1:
+        return F.log_softmax(logits[0] / temperature, dim=-1)
+    if combine == "logit":
+        return F.log_softmax(sum(w * l for w, l in zip(weights, logits)) / temperature, dim=-1)
+    if combine != "prob":
+        raise ValueError(f"combine must be prob or logit, not {combine!r}")
+    return torch.logsumexp(torch.stack([math.log(w) + F.log_softmax(l / temperature, dim=-1)
+                                        for w, l in zip(weights, logits)]), dim=0)
 
 
 class DimeFeatures(NamedTuple):
@@ -45,40 +65,85 @@ class DimeFeatures(NamedTuple):
         return self.s_txt is not self.t_txt
 
 
+class SpaceFeatures(NamedTuple):
+    """A further teacher of an ensemble (L2-normalised): its image and sentence embeddings, and the
+    student's images projected into its space (the student's own head for that teacher)."""
+    t_img: torch.Tensor
+    t_txt: torch.Tensor
+    s_img: torch.Tensor
+
+    @classmethod
+    def of(cls, t_img: torch.Tensor, t_txt: torch.Tensor, s_img: torch.Tensor) -> "SpaceFeatures":
+        return cls(normalize(t_img), normalize(t_txt), normalize(s_img))
+
+
 def dime_losses_block(rows: DimeFeatures, cols: DimeFeatures, *, w_vl: float, w_pvl: float, w_ud: float,
-                      t_vl: float, t_pvl: float, t_ud: float, scale: float) -> dict[str, torch.Tensor]:
+                      t_vl: float, t_pvl: float, t_ud: float, scale: float,
+                      extra_rows: Sequence[SpaceFeatures] = (), extra_cols: Sequence[SpaceFeatures] = (),
+                      weights: Sequence[float] | None = None, scales: Sequence[float] | None = None,
+                      combine: str = "prob") -> dict[str, torch.Tensor]:
     """DIME-FM losses of a block of rows (images and sentences) against all columns, each KL term
     averaged over the block's own rows (images for image rows, sentences for sentence rows).
 
     `cols` holds the whole batch; `rows` is the whole batch too (single process) or one rank's equal
     share of it, in which case the mean over ranks of the result is the whole-batch loss. The
     student uses the teacher's text tower when `rows.s_txt is rows.t_txt`; the sentence part of L_ud
-    then vanishes and is not computed. Returns `vl`, `pvl`, `ud` and `total` (weighted sum)."""
+    then vanishes and is not computed. Returns `vl`, `pvl`, `ud` and `total` (weighted sum).
+
+    An ensemble: `rows`/`cols` carry the first teacher, `extra_rows`/`extra_cols` the others; every
+    term's target is the teachers' combined distribution (`mixed_log_probs`: `weights`, one per teacher,
+    summing to 1; teacher k's logits at its own `scales[k]`, the student's at `scale`). L_pvl compares
+    the student with each teacher's own image space: its distribution there is combined the same way
+    from its projections `s_img` of each space. A teacher of weight 0 takes no part."""
+    spaces_r = [SpaceFeatures(rows.t_img, rows.t_txt, rows.s_img), *extra_rows]
+    spaces_c = [SpaceFeatures(cols.t_img, cols.t_txt, cols.s_img), *extra_cols]
+    weights = [1.0] * len(spaces_r) if weights is None else list(weights)
+    scales = [scale] * len(spaces_r) if scales is None else list(scales)
+    if not len(spaces_r) == len(spaces_c) == len(weights) == len(scales):
+        raise ValueError("one set of rows, columns, weight and scale per teacher")
+    on = [k for k, w in enumerate(weights) if w > 0]
+    if not on:
+        raise ValueError("every teacher has weight 0")
+    w = [weights[k] / sum(weights[k] for k in on) for k in on]
+
+    def target(make, temperature: float) -> torch.Tensor:  # make(k, s) = teacher k's logits at scale s
+        return mixed_log_probs([make(k, scales[k]) for k in on], w, temperature, combine)
+
     r, c = rows, cols
     # L_vl: image rows over all sentences, sentence rows over all images, summed.
-    vl = kd_kl(scale * r.t_img @ c.t_txt.t(), scale * r.s_img @ c.s_txt.t(), t_vl) \
-        + kd_kl(scale * r.t_txt @ c.t_img.t(), scale * r.s_txt @ c.s_img.t(), t_vl)
-    # L_pvl: the teacher's image embeddings stand in for captions.
-    t_ii = scale * r.t_img @ c.t_img.t()
-    pvl = 2.0 * kd_kl(t_ii, scale * r.s_img @ c.t_img.t(), t_pvl)
+    vl = kl_rows(target(lambda k, s: s * spaces_r[k].t_img @ spaces_c[k].t_txt.t(), t_vl),
+                 F.log_softmax(scale * r.s_img @ c.s_txt.t() / t_vl, dim=-1)) \
+        + kl_rows(target(lambda k, s: s * spaces_r[k].t_txt @ spaces_c[k].t_img.t(), t_vl),
+                  F.log_softmax(scale * r.s_txt @ c.s_img.t() / t_vl, dim=-1))
+    t_ii = {k: scales[k] * spaces_r[k].t_img @ spaces_c[k].t_img.t() for k in on}
+    # L_pvl: the teacher's image embeddings stand in for captions, each teacher's in its own space.
+    s_pvl = [scale * spaces_r[k].s_img @ spaces_c[k].t_img.t() for k in on]
+    pvl = 2.0 * kl_rows(target(lambda k, s: t_ii[k], t_pvl), mixed_log_probs(s_pvl, w, t_pvl, combine))
     # L_ud: uni-modal structure; for sentences only when the student has its own text tower.
-    ud = 2.0 * kd_kl(t_ii, scale * r.s_img @ c.s_img.t(), t_ud)
+    ud = 2.0 * kl_rows(target(lambda k, s: t_ii[k], t_ud), F.log_softmax(scale * r.s_img @ c.s_img.t() / t_ud, dim=-1))
     if r.own_text:
-        ud = ud + 2.0 * kd_kl(scale * r.t_txt @ c.t_txt.t(), scale * r.s_txt @ c.s_txt.t(), t_ud)
+        ud = ud + 2.0 * kl_rows(target(lambda k, s: s * spaces_r[k].t_txt @ spaces_c[k].t_txt.t(), t_ud),
+                                F.log_softmax(scale * r.s_txt @ c.s_txt.t() / t_ud, dim=-1))
     total = w_vl * vl + w_pvl * pvl + w_ud * ud
     return {"vl": vl, "pvl": pvl, "ud": ud, "total": total}
 
 
 def dime_losses(t_img: torch.Tensor, t_txt: torch.Tensor, s_img: torch.Tensor, s_txt: torch.Tensor, *,
                 w_vl: float, w_pvl: float, w_ud: float, t_vl: float, t_pvl: float, t_ud: float,
-                scale: float) -> dict[str, torch.Tensor]:
+                scale: float, extra: Sequence[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = (),
+                weights: Sequence[float] | None = None, scales: Sequence[float] | None = None,
+                combine: str = "prob") -> dict[str, torch.Tensor]:
     """DIME-FM losses over one whole batch of unpaired images and sentences.
 
     Inputs are raw embeddings, rows are samples; `s_txt` may be `t_txt` itself (the student uses
-    the teacher's frozen text tower). Returns `vl`, `pvl`, `ud` and `total` (weighted sum)."""
+    the teacher's frozen text tower). An ensemble's further teachers come in `extra` as (t_img, t_txt,
+    the student's images in that teacher's space), with `weights`, `scales` and `combine` as in
+    `dime_losses_block`. Returns `vl`, `pvl`, `ud` and `total` (weighted sum)."""
     feats = DimeFeatures.of(t_img, t_txt, s_img, s_txt)
+    spaces = [SpaceFeatures.of(*e) for e in extra]
     return dime_losses_block(feats, feats, w_vl=w_vl, w_pvl=w_pvl, w_ud=w_ud, t_vl=t_vl, t_pvl=t_pvl,
-                             t_ud=t_ud, scale=scale)
+                             t_ud=t_ud, scale=scale, extra_rows=spaces, extra_cols=spaces, weights=weights,
+                             scales=scales, combine=combine)
 
 
 def clip_loss_block(img_rows: torch.Tensor, txt_rows: torch.Tensor, img_cols: torch.Tensor,

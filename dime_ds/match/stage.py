@@ -1,7 +1,7 @@
 """The match stage: `run_match_stage(cfg)` reads the embed stage's caches `<match.embed_dir>/images`
 and `/texts`, runs Algorithm 1 (algorithm1.ground) and writes into `match.out_dir`:
 
-- `corpus/`          the grounded text corpus (ground/corpus.py);
+- `corpus/`          the grounded text corpus (match/corpus.py);
 - `assignment.npy`   int64 [n_images]: per image row of the image cache (manifest shard order,
   keys.txt order), the text cache row of its sentence, -1 when unmatched;
 - `assignment.json`  {image key: sentence key} for matched images, and the cache directories;
@@ -78,6 +78,11 @@ def rank_partial_topk(images: EmbeddingCache, texts: EmbeddingCache, start: int,
     return best_s, best_i
 
 
+def centre_views(cache: EmbeddingCache) -> list:
+    """A cache's shards, one row per sample: view 0 (the centre view) of a K-view image cache."""
+    return [s[:, 0] if s.ndim == 3 else s for s in cache.shards]
+
+
 def load_text_map(match_cfg: MatchConfig, images: EmbeddingCache, texts: EmbeddingCache) -> np.ndarray | None:
     """match.text_map, checked to map the text embeddings into the image space (None: none is
     needed, the dims agree)."""
@@ -134,9 +139,30 @@ def write_outputs(out_dir: str | os.PathLike, result, image_cache: EmbeddingCach
 
 
 def _open_inputs(cfg: RootConfig) -> tuple[EmbeddingCache, EmbeddingCache, np.ndarray | None]:
-    images, texts = open_image_text_caches(cfg.match.embed_dir)
-    check_pool(cfg, texts)
-    return images, texts, load_text_map(cfg.match, images, texts)
+    """The image and text caches Algorithm 1 reads: the teacher's; with an ensemble, match.teacher's,
+    or (match.teacher null) all teachers' combined by ensemble.weights (match/ensemble.py)."""
+    from dime_ds.config.teachers import ensemble_weights, teacher_embed_dir
+
+    n = 1 + len(cfg.ensemble.teachers)
+    chosen = [cfg.match.teacher] if cfg.match.teacher is not None else list(range(n))
+    opened = [open_image_text_caches(teacher_embed_dir(cfg, i)) for i in chosen]
+    for _, texts in opened:
+        check_pool(cfg, texts)
+    if len(opened) == 1:
+        images, texts = opened[0]
+        return images, texts, load_text_map(cfg.match, images, texts)
+    from dime_ds.config import ConfigError
+    from dime_ds.match.ensemble import CombinedCache
+
+    if cfg.match.text_map:
+        raise ConfigError("match.text_map maps one teacher's text space: with an ensemble, choose the teacher "
+                          "it belongs to with match.teacher=<index>")
+    for images, texts in opened:
+        load_text_map(cfg.match, images, texts)  # every teacher embeds both modalities in one space
+    weights = ensemble_weights(cfg)
+    log.info("algorithm 1 scores pairs by the weighted mean of %d teachers' cosine similarities (weights %s)",
+             n, ", ".join(f"{w:.3g}" for w in weights))
+    return (CombinedCache([i for i, _ in opened], weights), CombinedCache([t for _, t in opened], weights), None)
 
 
 def check_pool(cfg: RootConfig, texts: EmbeddingCache) -> None:
@@ -200,7 +226,7 @@ def run_match_stage(cfg: RootConfig) -> dict:
             parts = gathered.pop()
             candidates = None if parts is None else merge_topk(parts, min(int(m.topk), len(texts)))
             del parts
-            result = ground(images.shards, texts.shards, stop_ratio=m.stop_ratio, text_map=text_map, topk=m.topk,
+            result = ground(centre_views(images), texts.shards, stop_ratio=m.stop_ratio, text_map=text_map, topk=m.topk,
                             block_size=m.block_size, index=m.index, nlist=m.nlist, nprobe=m.nprobe,
                             use_gpu=use_gpu, candidates=candidates, progress=progress)
             return write_outputs(m.out_dir, result, images, texts, {k: m[k] for k in SETTINGS},

@@ -10,7 +10,7 @@ import copy
 import json
 import logging
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping, NamedTuple
+from typing import TYPE_CHECKING, Any, Mapping, NamedTuple, Sequence
 
 import open_clip
 import torch
@@ -95,12 +95,18 @@ class StudentOutput(NamedTuple):
     # The learned CLIP logit scale (student.text=own), computed inside the forward so that a ZeRO-3
     # engine has it gathered; DIME-FM fixes its scale and ignores it.
     logit_scale: torch.Tensor | None = None
+    # The images in each further teacher's space of an ensemble (its own projection head), in order.
+    image_spaces: tuple[torch.Tensor, ...] = ()
 
 
 class Student(nn.Module):
-    """Trainable student. `encode_*` return raw embeddings in the teacher's space (target_dim)."""
+    """Trainable student. `encode_*` return raw embeddings in the teacher's space (target_dim).
+    `ensemble_dims`: the widths of an ensemble's further teachers; the student learns one projection
+    into each of their spaces (always, even where a width equals its own: the spaces differ), used by
+    the distillation loss only and left out of the export."""
 
-    def __init__(self, model_cfg: Mapping[str, Any], text: str, target_dim: int | None = None):
+    def __init__(self, model_cfg: Mapping[str, Any], text: str, target_dim: int | None = None,
+                 ensemble_dims: Sequence[int] = ()):
         super().__init__()
         self.model_cfg = copy.deepcopy(dict(model_cfg))
         own_dim = int(self.model_cfg["embed_dim"])
@@ -113,6 +119,9 @@ class Student(nn.Module):
         clip = open_clip.CustomTextCLIP(**kwargs, nonscalar_logit_scale=True)
         self.visual = clip.visual
         self.image_proj = self._projection(own_dim)
+        # None without an ensemble: a one-teacher student's state dict keeps its keys
+        self.ensemble_proj = nn.ModuleList(nn.Linear(own_dim, int(d), bias=False) for d in ensemble_dims) \
+            if ensemble_dims else None
         if text == "own":
             self.text = clip.text
             self.text_proj = self._projection(own_dim)
@@ -136,13 +145,24 @@ class Student(nn.Module):
     def forward(self, images: torch.Tensor | None = None, tokens: torch.Tensor | None = None) -> StudentOutput:
         """Raw embeddings of what was given. Engines call this: ZeRO-3 gathers partitioned parameters
         around module forwards."""
-        return StudentOutput(self.encode_image(images) if images is not None else None,
-                             self.encode_text(tokens) if tokens is not None else None,
-                             self.logit_scale.clone() if self.logit_scale is not None and tokens is not None else None)
+        image, spaces = self.encode_image_spaces(images) if images is not None else (None, ())
+        return StudentOutput(image, self.encode_text(tokens) if tokens is not None else None,
+                             self.logit_scale.clone() if self.logit_scale is not None and tokens is not None else None,
+                             spaces)
+
+    @property
+    def ensemble_dims(self) -> tuple[int, ...]:
+        return tuple(p.out_features for p in self.ensemble_proj) if self.ensemble_proj is not None else ()
 
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
         x = self.visual(images)
         return self.image_proj(x) if self.image_proj is not None else x
+
+    def encode_image_spaces(self, images: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+        """The images in the first teacher's space and in each further teacher's (one tower forward)."""
+        x = self.visual(images)
+        main = self.image_proj(x) if self.image_proj is not None else x
+        return main, tuple(p(x) for p in self.ensemble_proj) if self.ensemble_proj is not None else ()
 
     def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
         if self.text is None:
@@ -206,7 +226,8 @@ def fold_projection(visual: nn.Module, head: nn.Linear | None) -> dict[str, torc
     return folded
 
 
-def build_student(student_cfg: StudentConfig, target_dim: int | None = None, quick_gelu: bool | None = None) -> Student:
+def build_student(student_cfg: StudentConfig, target_dim: int | None = None, quick_gelu: bool | None = None,
+                  ensemble_dims: Sequence[int] = ()) -> Student:
     """A randomly initialised student from the `student` config section. `quick_gelu` (None: the
     student config's own) sets the activation of both towers, as OpenCLIP's flag does."""
     model_cfg = student_model_cfg(student_cfg)
@@ -218,18 +239,18 @@ def build_student(student_cfg: StudentConfig, target_dim: int | None = None, qui
                 f"(student.text=teacher) uses quick_gelu={quick_gelu}; one OpenCLIP model has one activation: "
                 "pick a student architecture without the flag (or with the teacher's)")
         model_cfg["quick_gelu"] = quick_gelu
-    return Student(model_cfg, student_cfg.text, target_dim)
+    return Student(model_cfg, student_cfg.text, target_dim, ensemble_dims)
 
 
 def build_run_student(student_cfg: StudentConfig, teacher_cfg: TeacherConfig, target_dim: int | None = None,
-                      init: bool = True) -> Student:
+                      init: bool = True, ensemble_dims: Sequence[int] = ()) -> Student:
     """The student a run trains: one that borrows the teacher's text tower takes the teacher's
     activation, so that the exported model is one coherent OpenCLIP config. `init`: load
     student.init_image (False where the weights are about to be replaced, or on the meta device)."""
     from dime_ds.models.teacher import teacher_quick_gelu
 
     quick_gelu = teacher_quick_gelu(teacher_cfg) if student_cfg.text == "teacher" else None
-    student = build_student(student_cfg, target_dim, quick_gelu)
+    student = build_student(student_cfg, target_dim, quick_gelu, ensemble_dims)
     if init and getattr(student_cfg, "init_image", None):
         from dime_ds.models.init_weights import load_image_tower
 

@@ -30,6 +30,11 @@ OFFLINE_HINT = (
 )
 
 
+def teacher_name(teacher_cfg: TeacherConfig) -> str:
+    """The model name a cache manifest records: the architecture, with its pretrained tag."""
+    return str(teacher_cfg.arch) + (f"@{teacher_cfg.pretrained}" if teacher_cfg.pretrained else "")
+
+
 class TeacherWeightsError(UserError, RuntimeError):
     """The teacher's weights cannot be had; the message names the local-file alternatives."""
 

@@ -42,6 +42,8 @@ class Objective(ABC):
     name: str = ""
     # Width of the space the student must embed into (the teacher's); None: the student's own.
     target_dim: int | None = None
+    # Widths of an ensemble's further teachers: the student learns a projection into each space.
+    ensemble_dims: tuple[int, ...] = ()
     # Features that are not per-sample (the same value in every micro-batch, e.g. CLIP's logit scale):
     # accumulation takes one micro-batch's value instead of concatenating them.
     SHARED_FEATURES: tuple[str, ...] = ()
@@ -113,7 +115,7 @@ class Objective(ABC):
         """Figures for the run summary (the teacher's size, ...)."""
         return {}
 
-    def live_teacher_cfg(self) -> dict | None:
-        """The OpenCLIP model config of a teacher that runs forward every step (its FLOPs count in the
-        throughput readout); None: read from a cache, or no teacher."""
-        return None
+    def live_teacher_cfgs(self) -> list[dict]:
+        """The OpenCLIP model configs of the teachers that run forward every step (their FLOPs count in
+        the throughput readout); none for cached teachers."""
+        return []

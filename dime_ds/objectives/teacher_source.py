@@ -14,9 +14,10 @@ import torch
 from torch import nn
 
 from dime_ds.config.schema import TeacherConfig
-from dime_ds.data.embeddings import EmbeddingCache
+from dime_ds.data.embeddings import EmbeddingCache, EmbeddingCacheError
 from dime_ds.data.views import ViewRecipe, check_cache_views
 from dime_ds.models import PRECISIONS, Teacher, load_teacher, precision_for
+from dime_ds.models.teacher import teacher_name
 from dime_ds.models.precision import Precision, lift_scalar_parameters
 
 log = logging.getLogger(__name__)
@@ -39,17 +40,27 @@ Zero3Wrap = Callable[[nn.Module, Precision, int], Any]
 
 class TeacherSource:
     def __init__(self, teacher_cfg: TeacherConfig, device: torch.device, micro_batch: int, *,
-                 augmented: bool = False, zero3_wrap: Zero3Wrap | None = None, views: ViewRecipe | None = None):
+                 augmented: bool = False, zero3_wrap: Zero3Wrap | None = None, views: ViewRecipe | None = None,
+                 cache_dir: str | None = None, key: str = "teacher"):
+        """`cache_dir`: where a cached teacher reads (default its own cache_dir); `key`: its config key,
+        for messages (an ensemble's further teachers are ensemble.teachers[i])."""
         self.mode = "cache" if teacher_cfg.source == "cache" else teacher_cfg.shard
         self.device = device
+        self.name = teacher_name(teacher_cfg)
         self.teacher: Teacher | None = None  # the live model (replicate, zero3); None for a cache
         self._engine = None
         if self.mode == "cache":
-            self.images = EmbeddingCache(f"{teacher_cfg.cache_dir}/images")
-            self.texts = EmbeddingCache(f"{teacher_cfg.cache_dir}/texts")
+            cache_dir = cache_dir or teacher_cfg.cache_dir
+            self.images = EmbeddingCache(f"{cache_dir}/images")
+            self.texts = EmbeddingCache(f"{cache_dir}/texts")
             if self.images.dim != self.texts.dim:
-                raise ValueError(f"teacher cache {teacher_cfg.cache_dir}: image dim {self.images.dim} "
+                raise ValueError(f"teacher cache {cache_dir}: image dim {self.images.dim} "
                                  f"!= text dim {self.texts.dim}")
+            for cache in (self.images, self.texts):
+                if cache.model != self.name:
+                    raise EmbeddingCacheError(
+                        f"{key}.source=cache: {cache.directory} holds embeddings of {cache.model!r}, not of this "
+                        f"teacher {self.name!r}: embed with it (stage=embed) or point {key}.cache_dir at its cache")
             self.embed_dim = self.images.dim
             check_cache_views(self.images, views)
             if augmented and self.images.views == 1:

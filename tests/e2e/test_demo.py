@@ -30,14 +30,15 @@ def test_demo_end_to_end_then_reuses_teacher(tmp_path):
               "student DIME-FM (curated grounded)",
               "student DIME-FM (balanced images)", "student DIME-FM + CID (balanced)",
               "student DIME-FM (cache K=1, no aug)", "student DIME-FM (cache K=4 views)",
-              "student DIME-FM (timm MobileNet)", "student from scratch (paired)")
+              "student DIME-FM (timm MobileNet)", "student DIME-FM (teacher B)", "student DIME-FM (teachers A+B)",
+              "student from scratch (paired)")
     for column in models:
         assert column in first.stdout
     for row in ("zero-shot top-1", "image->text R@1", "linear probe top-1", "image params"):
         assert row in first.stdout
     results = json.loads((tmp_path / "runs" / "demo" / "demo_results.json").read_text())
     assert list(results["eval"]) == list(models)
-    assert results["compare"] == ["curation", "balance", "cid", "views", "families"]
+    assert results["compare"] == ["curation", "balance", "cid", "views", "families", "ensemble"]
     for per_set in results["eval"].values():
         for name in ("shape", "colour"):
             metrics = per_set[name]
@@ -79,10 +80,18 @@ def test_demo_end_to_end_then_reuses_teacher(tmp_path):
         r = family[column]
         assert r["image_params"] > 0 and r["flops_per_image"] > 0 and 0 < r["latency_ms_batch1"]
         assert r["zero_shot_shape"] == results["eval"][column]["shape"]["top1"]
+    # A teacher ensemble: teacher B trained from another seed, students of A, of B and of A+B
+    assert "Teacher ensemble" in first.stdout
+    assert set(results["ensemble"]) == {"A", "B", "A+B"}
+    assert results["ensemble"]["A+B"]["shape"] == results["eval"]["student DIME-FM (teachers A+B)"]["shape"]["top1"]
+    teacher_b = json.loads((tmp_path / "demo_teacher_b" / "open_clip_config.json").read_text())
+    teacher_a = json.loads((tmp_path / "demo_teacher" / "open_clip_config.json").read_text())
+    assert teacher_b["dime_ds"]["recipe"] != teacher_a["dime_ds"]["recipe"]  # another seed
+    assert "ensemble" in (tmp_path / "runs" / "demo_ensemble" / "config.yaml").read_text()
     saved = json.loads((tmp_path / "runs" / "demo" / "eval" / "synthetic.json").read_text())
     assert saved["results"] == results["eval"]
     for run in ("demo", "demo_curated", "demo_curated_grounded", "demo_balanced", "demo_cid", "demo_cached",
-                "demo_views", "demo_mobile", "demo_baseline"):
+                "demo_views", "demo_mobile", "demo_from_b", "demo_ensemble", "demo_baseline"):
         assert (tmp_path / "runs" / run / "config.yaml").is_file()
         assert (tmp_path / "runs" / run / "final" / "student.safetensors").is_file()
         assert list((tmp_path / "runs" / run / "tensorboard").glob("events.out.tfevents.*"))

@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 from dime_ds.config import load_config
-from tests.conftest import engine_overrides
+from tests.conftest import engine_overrides, ensemble_override
 from tests.multirank.harness import run_ranks
 
 pytestmark = pytest.mark.slow
@@ -28,6 +28,8 @@ CASES = {  # name: overrides shared by the grad_accum=1 and =4 runs
     "teacher_zero3": ["dist.ds_config=zero1", "teacher.shard=zero3"],
     "teacher_cache": ["dist.ds_config=zero1", "teacher.source=cache", "data.augment=false"],
     "clip_zero3": ["dist.ds_config=zero3", "loss=clip", "student.text=own"],
+    # a live + cached two-teacher ensemble (teacher B: tiny_teacher_b_dir, cached by the embed stage)
+    "ensemble_zero3": ["dist.ds_config=zero3", "data.augment=false", "ensemble.combine=prob"],
 }
 TEACHER_DIM = 32  # the tiny teacher's width: DIME-FM students project into it
 
@@ -44,7 +46,8 @@ def _initial_weights(overrides: list[str]) -> dict[str, torch.Tensor]:
 
     cfg = load_config(overrides)
     torch.manual_seed(cfg.seed)
-    student = build_run_student(cfg.student, cfg.teacher, TEACHER_DIM if cfg.loss.objective == "dime" else None)
+    student = build_run_student(cfg.student, cfg.teacher, TEACHER_DIM if cfg.loss.objective == "dime" else None,
+                                ensemble_dims=[24] * len(cfg.ensemble.teachers))
     return {k: v.detach().clone() for k, v in student.state_dict().items()}
 
 
@@ -57,12 +60,24 @@ def cache_dir(tmp_path_factory, tiny_world, tiny_teacher_dir):
     return out
 
 
+@pytest.fixture(scope="module")
+def cache_b_dir(tmp_path_factory, tiny_world, tiny_teacher_b_dir):
+    from tests.multirank.test_engine_dist import _write_cache
+
+    out = tmp_path_factory.mktemp("teacher_b_cache")
+    _write_cache(load_config(engine_overrides(out, tiny_world, tiny_teacher_b_dir)), out)
+    return out
+
+
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_accumulated_runs_end_with_the_weights_of_one_big_micro_batch(case, tmp_path, tiny_world, tiny_teacher_dir,
                                                                       request):
     extra = [*CASES[case], "optim.eps=1.0"]
     if "teacher.source=cache" in extra:
         extra.append(f"teacher.cache_dir={request.getfixturevalue('cache_dir')}")
+    if case.startswith("ensemble"):
+        extra.append(ensemble_override(f"arch:'local-dir:{request.getfixturevalue('tiny_teacher_b_dir')}',"
+                                       f"pretrained:null,source:cache,cache_dir:'{request.getfixturevalue('cache_b_dir')}'"))
     runs = {}
     for accum in (1, 4):
         work = tmp_path / f"accum{accum}"

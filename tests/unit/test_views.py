@@ -62,7 +62,7 @@ def view_cache(tmp_path_factory, tiny_world, tiny_teacher_dir):
     cfg = load_config(engine_overrides(work, tiny_world, tiny_teacher_dir, f"embed.views={K}"))
     teacher = load_teacher(cfg.teacher, torch.device("cpu"))
     recipe = ViewRecipe.from_config(cfg)
-    embed_shards(teacher, list_shards(cfg.data.images), work / "images", "images", "tiny", batch_size=16,
+    embed_shards(teacher, list_shards(cfg.data.images), work / "images", "images", cfg.teacher.arch, batch_size=16,
                  progress=False, views=recipe)
     return EmbeddingCache(work / "images"), teacher, recipe, cfg
 
@@ -149,12 +149,12 @@ def test_without_augmentation_every_image_shows_the_centre_view(view_cache, tiny
     _check_batches(batches, cache, _originals(tiny_world))
 
 
-def _write_format1_cache(directory, keys, array):
+def _write_format1_cache(directory, keys, array, model="old"):
     """A cache exactly as written before views (format_version 1): [count, dim], no view fields."""
     directory.mkdir(parents=True)
     np.save(directory / "shard-000000.npy", array.astype(np.float16), allow_pickle=False)
     (directory / "shard-000000.keys.txt").write_text("".join(k + "\n" for k in keys), encoding="utf-8")
-    manifest = {"format_version": 1, "modality": "images", "model": "old", "dim": array.shape[1],
+    manifest = {"format_version": 1, "modality": "images", "model": model, "dim": array.shape[1],
                 "dtype": "float16", "normalized": False, "count": len(keys),
                 "shards": [{"name": "shard-000000", "source": "/x.tar", "source_sha256": "0" * 64,
                             "count": len(keys)}], "skipped": []}
@@ -193,7 +193,7 @@ def test_a_distill_run_refuses_a_cache_of_other_views(view_cache, tmp_path, tiny
     from dime_ds.objectives.teacher_source import TeacherSource
 
     cache = view_cache[0]
-    _write_format1_cache(tmp_path / "texts", ["t"], np.ones((1, cache.dim), np.float32))
+    _write_format1_cache(tmp_path / "texts", ["t"], np.ones((1, cache.dim), np.float32), cache.model)
     (tmp_path / "images").symlink_to(cache.directory)
 
     def source(*overrides):
@@ -260,7 +260,8 @@ def test_a_resumed_objective_shows_the_same_views_and_targets(view_cache, tmp_pa
     cfg = load_config(engine_overrides(tmp_path, tiny_world, tiny_teacher_dir, f"embed.views={K}",
                                        "teacher.source=cache", f"teacher.cache_dir={tmp_path}",
                                        f"data.workers={workers}", "embed.choice=round_robin"))
-    embed_shards(view_cache[1], list_shards(cfg.data.texts), tmp_path / "texts", "texts", "tiny", progress=False)
+    embed_shards(view_cache[1], list_shards(cfg.data.texts), tmp_path / "texts", "texts", cfg.teacher.arch,
+                 progress=False)
     world = WorldInfo(0, 0, 1, 1, "127.0.0.1", 0, "single")
     ctx = RunContext(world, torch.device("cpu"), 8, PRECISIONS["fp32"], seed=cfg.seed)
     student = build_student(cfg.student, cache.dim)
