@@ -16,18 +16,13 @@ composed. `render()` takes the root classes as arguments: a test passes a derive
 from __future__ import annotations
 
 import argparse
-import ast
 import dataclasses
 import enum
-import inspect
-import io
 import re
 import sys
-import tokenize
 import typing
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +34,8 @@ NONE = "—"  # a cell with nothing to say (a field without a comment)
 if str(REPO) not in sys.path:  # run as `python scripts/config_reference.py` from a source tree
     sys.path.insert(0, str(REPO))
 
-from dime_ds.config.schema import CHECK
+from dime_ds.config.describe import class_doc, field_comment, member_comments, module_doc, value_text  # noqa: E402
+from dime_ds.config.schema import CHECK  # noqa: E402
 
 # The range rules of dime_ds/config/validate.py, in words.
 RULES = {
@@ -77,89 +73,6 @@ values (what they mean: [Choice values](#choice-values)), or the range rule the 
 positive (> 0), non_negative (>= 0), fraction ([0, 1]), positive_fraction ((0, 1]). *meaning*: the
 field's comment in the schema; {NONE} where it has none.
 """
-
-
-# --- Reading the source: docstrings and comments --------------------------------------------------
-
-@dataclass
-class _Source:
-    tree: ast.Module
-    comments: dict[int, str]  # line -> comment text, without the `#`
-    comment_only: set[int]  # lines that hold nothing but a comment
-
-
-@cache
-def _source(path: str) -> _Source:
-    text = Path(path).read_text()
-    comments, comment_only = {}, set()
-    lines = text.splitlines()
-    for tok in tokenize.generate_tokens(io.StringIO(text).readline):
-        if tok.type == tokenize.COMMENT:
-            line = tok.start[0]
-            comments[line] = tok.string.lstrip("#").strip()
-            if lines[line - 1].lstrip().startswith("#"):
-                comment_only.add(line)
-    return _Source(ast.parse(text), comments, comment_only)
-
-
-def _class_node(cls: type) -> tuple[_Source, ast.ClassDef]:
-    path = inspect.getsourcefile(cls)
-    if path is None:
-        raise TypeError(f"{cls.__qualname__}: no source file to read its comments from")
-    src = _source(path)
-    found = [n for n in ast.walk(src.tree) if isinstance(n, ast.ClassDef) and n.name == cls.__name__]
-    if len(found) > 1:  # the same name twice in one file: the one inspect places the class at
-        line = inspect.findsource(cls)[1] + 1
-        found = [n for n in found if n.lineno == line or any(d.lineno == line for d in n.decorator_list)]
-    if len(found) != 1:
-        raise TypeError(f"{cls.__qualname__}: cannot find its class statement in {path}")
-    return src, found[0]
-
-
-def _comment(src: _Source, node: ast.stmt) -> str:
-    """The comment at the end of the statement's line(s), else the comment lines right above it."""
-    trailing = [src.comments[n] for n in range(node.lineno, (node.end_lineno or node.lineno) + 1)
-                if n in src.comments and n not in src.comment_only]
-    if trailing:
-        return " ".join(trailing)
-    above, line = [], node.lineno - 1
-    while line in src.comment_only:
-        above.insert(0, src.comments[line])
-        line -= 1
-    return " ".join(above)
-
-
-def _member_comments(cls: type) -> dict[str, str]:
-    """Comments of a class's body statements by the name they assign (fields, enum members)."""
-    src, node = _class_node(cls)
-    out = {}
-    for stmt in node.body:
-        if isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name):
-            out[stmt.target.id] = _comment(src, stmt)
-        elif isinstance(stmt, ast.Assign):
-            for target in stmt.targets:
-                if isinstance(target, ast.Name):
-                    out[target.id] = _comment(src, stmt)
-    return out
-
-
-def _docstring(cls: type) -> str:
-    """The class's own docstring (dataclass() invents one for a class without)."""
-    _, node = _class_node(cls)
-    return " ".join((ast.get_docstring(node) or "").split())
-
-
-def _module_docstring(cls: type) -> str:
-    src, _ = _class_node(cls)
-    return " ".join((ast.get_docstring(src.tree) or "").split())
-
-
-def _field_comment(cls: type, name: str) -> str:
-    """The comment of field `name` where it is declared: in cls or the base class it comes from."""
-    for klass in cls.__mro__:
-        if name in inspect.get_annotations(klass):
-            return _member_comments(klass).get(name, "")
-    return ""
 
 
 # --- The schema as sections and rows -------------------------------------------------------------
@@ -228,22 +141,6 @@ def _type_name(tp: Any, homes: dict[type, str]) -> str:
     return f"{name} or null" if optional else name
 
 
-def _value(v: Any) -> str:
-    if v is None:
-        return "null"
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, enum.Enum):
-        return str(v.value)
-    if isinstance(v, (list, tuple)):
-        return "[" + ", ".join(_value(x) for x in v) + "]"
-    if isinstance(v, dict):
-        return "{" + ", ".join(f"{k}: {_value(x)}" for k, x in v.items()) + "}"
-    if isinstance(v, str):
-        return v if v else '""'
-    return repr(v)
-
-
 def _default(f: dataclasses.Field) -> str:
     if f.default is not dataclasses.MISSING:
         value = f.default
@@ -251,7 +148,7 @@ def _default(f: dataclasses.Field) -> str:
         value = f.default_factory()
     else:
         return "`???` (required)"
-    text = _value(value)
+    text = value_text(value)
     return "`???` (required)" if text == "???" else f"`{text}`"
 
 
@@ -290,7 +187,7 @@ def _homes(root: type, prefix: str = "", out: dict[type, str] | None = None) -> 
 
 def _sections(cls: type, key: str, depth: int, homes: dict[type, str], doc: str | None = None) -> list[Section]:
     hints = typing.get_type_hints(cls)
-    section = Section(key, _docstring(cls) if doc is None else doc, depth)
+    section = Section(key, class_doc(cls) if doc is None else doc, depth)
     nested: list[Section] = []
     prefix = f"{key}." if key else ""
     for f in dataclasses.fields(cls):
@@ -301,10 +198,10 @@ def _sections(cls: type, key: str, depth: int, homes: dict[type, str], doc: str 
             nested += _sections(base, prefix + f.name, depth + 1, homes)
             continue
         section.rows.append(Row(prefix + f.name, _type_name(tp, homes), _default(f), _allowed(f, tp, homes),
-                                _field_comment(cls, f.name), _choice_of(tp)))
+                                field_comment(cls, f.name), _choice_of(tp)))
         if typing.get_origin(base) is dict and len(args) > 1 and _is_section(args[1]):
             entry = f"{prefix}{f.name}.<name>"
-            own = _docstring(args[1])
+            own = class_doc(args[1])
             text = f"One entry of `{prefix}{f.name}`, the per-dataset section: `{prefix}{f.name}.NAME.KEY`."
             nested += _sections(args[1], entry, depth + 1, homes, doc=f"{text} {own}".strip())
     return [section, *nested]
@@ -361,10 +258,10 @@ def _choices(rows: list[Row]) -> list[str]:
            ("What the values of a choice mean, for the choices whose values the schema comments on (a value "
             "without a comment is listed bare; the others' values are in the *allowed* column)."), ""]
     for choice, keys in used.items():
-        comments = _member_comments(choice)
+        comments = member_comments(choice)
         if not any(comments.get(m.name) for m in choice):
             continue
-        doc = _docstring(choice)
+        doc = class_doc(choice)
         out += [f"### {choice.__name__}", "", "Used by " + ", ".join(f"`{k}`" for k in keys) + "."
                 + (f" {_md(doc)}" if doc else ""), ""]
         for m in choice:
@@ -395,7 +292,7 @@ def render(root: type | None = None, demo_root: type | None = None) -> str:
         out += _table(s.rows) + [""]
     if demo:
         out += ["## Demo sections (schema: demo)", ""]
-        doc = _module_docstring(demo_root)
+        doc = module_doc(demo_root)
         if doc:
             out += [_md(doc), ""]
         for s in demo:
