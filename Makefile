@@ -1,4 +1,4 @@
-# The two set-up commands: `make demo` and `make test`. Both create .venv on first use.
+# The two set-up commands: `make demo` and `make test`. Both create .venv on first use (so does `make study`).
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
@@ -7,12 +7,17 @@ STAMP  := $(VENV)/.installed
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.torch_extensions
 export PYTHONUNBUFFERED := 1
 
-.PHONY: demo test venv bench clean-work
+.PHONY: demo study test venv bench clean-work
 
 demo: $(STAMP)
 	$(BIN)/python -m dime_ds.demo $(ARGS)
 
+# The demo's comparisons over student seeds (ARGS="seeds=3 demo.compare=[views]"): dime_ds/demo/study.py
+study: $(STAMP)
+	$(BIN)/python -m dime_ds.demo.study $(ARGS)
+
 test: $(STAMP)
+	$(BIN)/ruff check dime_ds tests bench scripts
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 venv: $(STAMP)

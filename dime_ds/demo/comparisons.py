@@ -1,7 +1,8 @@
-"""What `make demo` compares beside its DIME-FM student (raw pool, live teacher, augmented images)
-and the from-scratch yardstick, chosen by `demo.compare`. A comparison names its students (a table
-column and the experiment config it trains with), runs the stages they need before training, and
-prints its lines under the demo's one table."""
+"""What `make study` (dime_ds/demo/study.py) compares beside the demo's DIME-FM student (raw pool,
+live teacher, augmented images) and the from-scratch yardstick, chosen by `demo.compare`. A
+comparison names its students (a table column and the experiment config it trains with), runs the
+stages they need before training (once, whatever the seeds), and prints its lines under the study's
+table (from the students' results averaged over the seeds)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -11,7 +12,9 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from dime_ds.config.schema import RootConfig
 
-RAW_COLUMN = "student DIME-FM (raw pool)"
+TEACHER_COLUMN = "teacher (CLIP, paired)"
+RAW_COLUMN = "student DIME-FM (unpaired)"  # the raw sentence pool, live teacher, augmented images
+BASELINE_COLUMN = "student from scratch (paired)"  # the yardstick: CLIP on as many pairs
 
 
 @dataclass(frozen=True)
@@ -125,7 +128,8 @@ class Balance(Comparison):
     def lines(self, cfgs, raw, prepared, results, summaries):
         r, s = prepared["report"], prepared["scorecard"]
         lines = [f"\nSemantic balance (beta = {r['beta']:g}, {Path(r['keep']).parent / 'report.md'}): "
-                 f"{s['kept']} of {s['images']} images kept, {s['removed']} removed ({100 * r['removed_share']:.1f} %). "
+                 f"{s['kept']} of {s['images']} images kept, {s['removed']} removed "
+                 f"({100 * r['removed_share']:.1f} %). "
                  f"Planted near-duplicate pairs: {s['planted']}, {s['planted_caught']} caught "
                  f"({100 * s['planted_caught'] / max(1, s['planted']):.1f} %). Of the removed images, "
                  f"{s['removed_redundant']} show a scene a kept image shows and {s['removed_lost']} a scene "
@@ -173,7 +177,7 @@ class Views(Comparison):
 
     def lines(self, cfgs, raw, prepared, results, summaries):
         live = summaries[RAW_COLUMN].get("samples_per_s", 0)
-        rows = [(RAW_COLUMN.replace("(raw pool)", "(live teacher, aug)"), RAW_COLUMN),
+        rows = [(RAW_COLUMN.replace("(unpaired)", "(live teacher, aug)"), RAW_COLUMN),
                 *((s.column, s.column) for s in self.students)]
         speeds = {name: summaries[column].get("samples_per_s", 0) for name, column in rows}
         views = cfgs["demo_views"].embed.views
@@ -241,8 +245,8 @@ class Ensemble(Comparison):
                          "samples_per_s": summaries[c].get("samples_per_s", 0)} for name, c in columns.items()}
         rows = [f"  from {name}: zero-shot shape {100 * r['shape']:.1f} %, {r['samples_per_s']:.0f} samples/s"
                 for name, r in record.items()]
-        return ["\nTeacher ensemble (A = the demo teacher, B = its recipe from seed 1; one seed here, "
-                "`python -m dime_ds.demo.ensemble_study seeds=3` for mean and sd):", *rows], record
+        return ["\nTeacher ensemble (A = the demo teacher, B = its recipe from seed 1; students' means over "
+                "the study's seeds, mean ± sd in its table):", *rows], record
 
 
 COMPARISONS = {c.name: c for c in (Curation(), Balance(), Cid(), Views(), Families(), Ensemble())}

@@ -29,7 +29,8 @@ def concept_counts(texts: Sequence[str], entries: Sequence[str]) -> dict[str, in
     return {e: counts.get(i, 0) for i, e in enumerate(entries)}
 
 
-def coverage_table(pools: dict[str, Sequence[str]], classes: Sequence[str], zero_shot: dict[str, Sequence]) -> tuple[str, dict]:
+def coverage_table(pools: dict[str, Sequence[str]], classes: Sequence[str],
+                   zero_shot: dict[str, Sequence]) -> tuple[str, dict]:
     """Rows: one per class; columns: sentences naming it in each pool (share of that pool), then each
     model's zero-shot top-1 on that class. Returns (console table, the same as a dict)."""
     counts = {name: concept_counts(texts, classes) for name, texts in pools.items()}

@@ -83,8 +83,8 @@ SUPERSAMPLE = 4  # shapes are drawn at 4x and box-filtered down: smooth edges
 HELD_OUT = frozenset((shape, COLOUR_NAMES[(i + 3) % len(COLOUR_NAMES)]) for i, shape in enumerate(SHAPES))
 
 # Split ids of the per-sample seeds; TEXT_PLAN seeds the corpus layout (kinds, targets, order).
-SPLIT_IDS = {"images": 0, "texts": 1, "paired": 2, "eval_shape": 3, "eval_colour": 4, "text_plan": 5, "eval_captions": 6,
-             "duplicates": 7, "duplicate_plan": 8}
+SPLIT_IDS = {"images": 0, "texts": 1, "paired": 2, "eval_shape": 3, "eval_colour": 4, "text_plan": 5,
+             "eval_captions": 6, "duplicates": 7, "duplicate_plan": 8}
 CONFIG_FIELDS = {
     "seed": int, "image_size": int, "n_images": int, "n_texts": int, "describing_fraction": float,
     "n_paired": int, "n_eval": int, "shard_size": int, "second_object_p": float,
@@ -560,7 +560,8 @@ def _write_split(out: Path, name: str, c: dict, progress: bool | None) -> list[d
     ]
 
 
-def write_world(out_dir: str | os.PathLike, cfg: SyntheticConfig, force: bool = False, progress: bool | None = None) -> dict:
+def write_world(out_dir: str | os.PathLike, cfg: SyntheticConfig, force: bool = False,
+                progress: bool | None = None) -> dict:
     """Write the world under `out_dir` and return its world.json content. A complete world with the
     same config is kept as is (unless `force`). progress: None = bars only on a terminal."""
     out = Path(out_dir).expanduser().resolve()

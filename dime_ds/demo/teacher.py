@@ -19,6 +19,7 @@ from safetensors.torch import load_file
 
 from dime_ds.config import ConfigError, load_config
 from dime_ds.config.schema import RootConfig
+from dime_ds.demo.stopping import Stopped
 from dime_ds.demo.synthetic import write_world
 from dime_ds.data.shards import list_shards, sha256_file
 from dime_ds.training import run_training
@@ -56,13 +57,15 @@ def is_current(out_dir: Path, cfg: RootConfig) -> bool:
         return False
 
 
-def pretrain_clip(cfg: RootConfig, out_dir: str | Path) -> dict:
+def pretrain_clip(cfg: RootConfig, out_dir: str | Path, rerun: str = "the same command") -> dict:
     """Train `cfg.student` (text=own, loss=clip) on `cfg.data.paired`; save it to `out_dir` as an
-    OpenCLIP model directory. Returns the training summary with its wall time."""
+    OpenCLIP model directory. Returns the training summary with its wall time. Stopped by a signal:
+    Stopped (status 3) after its checkpoint, naming `rerun`, which resumes it."""
     start = time.time()
     summary = run_training(cfg)
     if summary["status"] != "completed":
-        raise RuntimeError(f"teacher pretraining {cfg.name} stopped at step {summary['step']}; rerun to resume")
+        raise Stopped(f"stopped at step {summary['step']} of {cfg.optim.steps} (the demo teacher {cfg.name}, "
+                      f"checkpoint in {cfg.ckpt.dir}); rerun `{rerun}` to resume")
     model = build_student(cfg.student)
     model.load_state_dict(load_file(summary["final_weights"]))
     state, model_cfg = model.openclip_state()
@@ -82,7 +85,12 @@ def teacher_dir(cfg: RootConfig) -> Path:
     return Path(path)
 
 
-STUDENT_ONLY = ("optim.", "loss.", "student.", "eval.", "ckpt.", "teacher.", "name=")
+def teacher_record(cfg: RootConfig, trained: dict | None) -> dict:
+    """The training figures of `cfg.teacher`: this run's (`trained`), or those its model directory recorded."""
+    return trained or read_openclip_dir(teacher_dir(cfg)).get("dime_ds", {})
+
+
+STUDENT_ONLY = ("optim.", "loss.", "student.", "eval.", "ckpt.", "teacher.", "name=", "seed=")
 
 
 TEACHER_ONLY = "pretrain."
@@ -97,8 +105,11 @@ def student_overrides(overrides: Sequence[str]) -> list[str]:
     return [o for o in overrides if not o.startswith(TEACHER_ONLY)]
 
 
-def ensure_teacher(overrides: Sequence[str], out_dir: Path, experiment: str = "demo_teacher") -> dict | None:
-    """Train a demo teacher (`experiment`: its recipe) unless a current one (same recipe) is already there."""
+def ensure_teacher(overrides: Sequence[str], out_dir: Path, experiment: str = "demo_teacher",
+                   rerun: str = "the same command") -> dict | None:
+    """Train a demo teacher (`experiment`: its recipe) unless a current one (same recipe) is already
+    there; an interrupted training resumes (its run directory is per recipe). `rerun`: the command
+    a stop message names."""
     cfg = load_config([f"experiment={experiment}", *teacher_overrides(overrides)])
     write_world(cfg.data.root, cfg.data.synthetic)
     if is_current(out_dir, cfg):
@@ -108,4 +119,4 @@ def ensure_teacher(overrides: Sequence[str], out_dir: Path, experiment: str = "d
     recipe = recipe_hash(cfg)
     cfg = load_config([f"experiment={experiment}", *teacher_overrides(overrides),
                        f"run_dir={cfg.work_dir}/runs/{experiment}-{recipe}"])
-    return pretrain_clip(cfg, out_dir)
+    return pretrain_clip(cfg, out_dir, rerun)

@@ -33,7 +33,8 @@ def test_selection_keeps_the_registry_order_and_cid_brings_its_balanced_pool():
 
 
 def test_an_unknown_comparison_is_refused_with_the_choices():
-    with pytest.raises(ConfigError, match=r"(?s)'cdi', expected one of \[curation, balance, cid, views, families, ensemble\].*demo\.compare"):
+    with pytest.raises(ConfigError, match=r"(?s)'cdi', expected one of "
+                                          r"\[curation, balance, cid, views, families, ensemble\].*demo\.compare"):
         load_config(["experiment=demo", "demo.compare=[views,cdi]"])
 
 

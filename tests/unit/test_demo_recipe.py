@@ -24,3 +24,11 @@ def test_recipe_changes_with_a_value_that_shapes_the_teacher(tmp_path, tiny_worl
     assert recipe_hash(load_config([*base, "optim.lr=2e-3"])) != first
     assert recipe_hash(load_config([*base, "loss.t_vl=2.0"])) != first
     assert recipe_hash(load_config([*base, "log.every_n_steps=3"])) == first  # logging shapes nothing
+
+
+def test_the_students_seed_leaves_the_teacher_alone():
+    from dime_ds.demo.teacher import student_overrides, teacher_overrides
+
+    given = ["seed=3", "pretrain.seed=2", "optim.steps=5", "work_dir=/w"]
+    assert teacher_overrides(given) == ["seed=2", "work_dir=/w"]
+    assert student_overrides(given) == ["seed=3", "optim.steps=5", "work_dir=/w"]
