@@ -149,7 +149,9 @@ def main(argv=None) -> int:
     balance_rate = len(texts) / balance_s
     per_core = 1.0 / (1.0 / rate + 1.0 / balance_rate)  # match + balance, the two passes of the stage
     rows = [
-        ("Aho-Corasick match (automaton built)", rate, f"{len(entries)} entries, {np.mean([len(m) for m in matched]):.2f} matches/sentence, {100 * np.mean([bool(m) for m in matched]):.0f} % match"),
+        ("Aho-Corasick match (automaton built)", rate,
+         f"{len(entries)} entries, {np.mean([len(m) for m in matched]):.2f} matches/sentence, "
+         f"{100 * np.mean([bool(m) for m in matched]):.0f} % match"),
         ("substring rule (reference)", ref_rate, f"{len(small)} entries; ~{ref_rate_full:.1f}/s at {len(entries)}"),
         ("balancing (probability + draw)", balance_rate, f"t = {t:.3g} (a small pool: most entries are tail), "
                                                          f"kept {100 * kept.mean():.1f} %"),

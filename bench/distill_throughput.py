@@ -67,7 +67,8 @@ def main() -> int:
           f"{args.steps} steps, {os.cpu_count()} CPU cores\n" + table)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"steps": args.steps, "batch": args.batch, "cpus": os.cpu_count(), "rows": rows}, indent=2))
+    out.write_text(json.dumps({"steps": args.steps, "batch": args.batch, "cpus": os.cpu_count(), "rows": rows},
+                              indent=2))
     print(f"\nwritten: {out}")
     return 0
 

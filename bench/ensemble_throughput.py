@@ -72,6 +72,7 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--batch", type=int, default=128, help="global batch (images and sentences per step)")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads of the run (default: every core)")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "ensemble_throughput.json"))
     args = parser.parse_args()
     from dime_ds.log.table import format_table
@@ -83,7 +84,8 @@ def main() -> int:
         second_teacher(work)
         for r in range(args.rounds):
             for name, (a, b) in CASES.items():
-                result = launch(work, f"{name}_{r}", overrides(work, name, a, b, args.steps, args.batch), 1)[0]
+                result = launch(work, f"{name}_{r}", overrides(work, name, a, b, args.steps, args.batch), 1,
+                                threads=args.threads)[0]
                 runs[name].append(result["samples_per_s"])
                 print(f"  round {r + 1}: {name}: {runs[name][-1]:.0f} samples/s", flush=True)
     best = {name: max(v) for name, v in runs.items()}
@@ -93,13 +95,15 @@ def main() -> int:
                          [[r["case"], f"{r['samples_per_s']:.0f}", " ".join(f"{v:.0f}" for v in r["rounds"]),
                            f"{r['vs_1_live']:.2f}", f"{r['vs_1_cached']:.2f}"] for r in rows])
     print(f"\nDIME-FM distillation with teacher ensembles, demo student <- demo-shaped teachers, 1 rank, global "
-          f"batch {args.batch}, {args.steps} steps, {os.cpu_count()} CPU cores\n" + table)
+          f"batch {args.batch}, {args.steps} steps, {args.threads or os.cpu_count()} thread(s) on {os.cpu_count()} CPU "
+          "cores\n" + table)
     print(f"second cached teacher costs {1 - best['2 cached'] / best['1 cached']:.0%} of cached throughput, "
           f"{1 - best['1 live + 1 cached'] / best['1 live']:.0%} of live throughput "
           f"(spread of rounds: {statistics.pstdev(runs['1 live']) / best['1 live']:.0%} for 1 live)")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"steps": args.steps, "batch": args.batch, "cpus": os.cpu_count(), "rows": rows},
+    out.write_text(json.dumps({"steps": args.steps, "batch": args.batch, "cpus": os.cpu_count(),
+                               "threads": args.threads, "rows": rows},
                               indent=2))
     print(f"\nwritten: {out}")
     return 0

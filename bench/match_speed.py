@@ -139,7 +139,8 @@ def main(argv=None) -> int:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({
-        "settings": {k: getattr(args, k) for k in ("images", "texts", "dim", "topk", "stop_ratio", "block_size", "seed")},
+        "settings": {k: getattr(args, k)
+                     for k in ("images", "texts", "dim", "topk", "stop_ratio", "block_size", "seed")},
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "faiss": faiss_info},
         "results": results}, indent=1) + "\n")
     print(f"\nwrote {out}")

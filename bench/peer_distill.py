@@ -315,7 +315,8 @@ def main() -> int:
     out.write_text(json.dumps({"teacher": "demo_teacher" if args.tiny else args.teacher,
                                "student": args.student or "demo_small", "tiny": args.tiny,
                                "batch": args.batch, "steps": args.steps, "warmup": args.warmup,
-                               "workers": args.workers, "threads": args.threads, "cpus": os.cpu_count(), "dime_overrides": args.dime_override,
+                               "workers": args.workers, "threads": args.threads, "cpus": os.cpu_count(),
+                               "dime_overrides": args.dime_override,
                                "model_flops_per_sample": flops, "peak_tflops": args.peak_tflops,
                                "live_over_peer_best": live_peer, "cached_over_bare_best": cached_bare,
                                "rows": list(rows.values())}, indent=2))

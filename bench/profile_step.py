@@ -55,7 +55,6 @@ def _summary(prof, steps: int, top: int) -> dict:
 
 def profile_dime(overrides: list[str], steps: int, warmup: int, trace: Path, top: int) -> dict:
     """In this process: a dime_ds run whose steps after `warmup` are profiled, phase by phase."""
-    import torch
     from torch.profiler import record_function
 
     from dime_ds.config import load_config

@@ -151,7 +151,8 @@ def main(argv=None) -> int:
     # projections from the measured rates (not measurements)
     projection = []
     for d in sorted({r["d"] for r in results}):
-        flat = max((r for r in results if r["d"] == d and r["path"].startswith("flat")), key=lambda r: r["n"], default=None)
+        flat = max((r for r in results if r["d"] == d and r["path"].startswith("flat")), key=lambda r: r["n"],
+                   default=None)
         buck = max((r for r in results if r["d"] == d and r["path"].startswith("bucketed")), key=lambda r: r["n"],
                    default=None)
         km = max((r for r in results if r["d"] == d and r["path"].startswith("k-means")), key=lambda r: r["n"],
@@ -162,7 +163,8 @@ def main(argv=None) -> int:
                 row[f"flat_seconds_{n:.0e}"] = flat["seconds"] * (n / flat["n"]) ** 2
         if buck:  # the measured multiply-add rate on the cost model's multiply-adds
             for n in (10 ** 6, TARGET):
-                row[f"bucketed_seconds_{n:.0e}"] = bucketed_macs(n, d, max(1, n // args.bucket_rows)) / buck["macs_per_s"]
+                row[f"bucketed_seconds_{n:.0e}"] = (bucketed_macs(n, d, max(1, n // args.bucket_rows))
+                                                    / buck["macs_per_s"])
             row["semdedup_seconds_4e+08"] = bucketed_macs(TARGET, d, SEMDEDUP_BUCKETS) / buck["macs_per_s"]
             row["semdedup_macs_4e+08"] = bucketed_macs(TARGET, d, SEMDEDUP_BUCKETS)
             row["flat_macs_4e+08"] = float(TARGET) ** 2 * d
@@ -174,8 +176,10 @@ def main(argv=None) -> int:
           f"largest n; bucketed from its measured multiply-add rate on the cost model (search + assignment + bucket "
           f"k-means), at ~{args.bucket_rows} rows a bucket or SemDeDup's {SEMDEDUP_BUCKETS} buckets; the k={args.k} "
           "assignment linearly:\n")
-    print("| d | flat 1e5 | flat 1e6 | flat 4e8 | bucketed 1e6 | bucketed 4e8 | 4e8, 5e4 buckets | k-means assign 4e8 |")
-    print("|--:|---------:|---------:|---------:|-------------:|-------------:|-----------------:|-------------------:|")
+    print("| d | flat 1e5 | flat 1e6 | flat 4e8 | bucketed 1e6 | bucketed 4e8 | 4e8, 5e4 buckets "
+          "| k-means assign 4e8 |")
+    print("|--:|---------:|---------:|---------:|-------------:|-------------:|-----------------:"
+          "|-------------------:|")
     for row in projection:
         def h(key):
             return f"{row[key] / 3600:,.2f} h" if key in row else "-"

@@ -7,7 +7,8 @@ point read it.
 Stopping and requeueing: SLURM sends SIGNAL `SIGNAL_LEAD_S` seconds before the time limit (SIGTERM on
 preemption); the trainer checkpoints at the next step and its entry point returns STOPPED. Under
 plain sbatch, rank 0 then requeues the job (`requeue_sbatch_job`, called by the training job through
-distributed.stage.requeue_stopped) and every task exits with STOPPED after it; under submitit, launch.StageJob hands the stop to submitit's own requeue.
+distributed.stage.requeue_stopped) and every task exits with STOPPED after it; under submitit,
+launch.StageJob hands the stop to submitit's own requeue.
 The requeued job resumes with `ckpt.resume=latest` (RESUME). The ranks that outlive a lost one exit
 with STOPPED too (distributed/watchdog.py), but straight from their heartbeat thread, past run_entry.
 

@@ -58,7 +58,8 @@ def load_config(overrides: Sequence[str] = (), config_name: str = "config") -> D
     GlobalHydra.instance().clear()
     configs = config_dir()
     try:
-        overrides, added_datasets = split_user_eval(overrides, sorted(p.stem for p in (configs / "eval").glob("*.yaml")))
+        overrides, added_datasets = split_user_eval(overrides,
+                                                    sorted(p.stem for p in (configs / "eval").glob("*.yaml")))
         with initialize_config_dir(config_dir=str(configs), version_base="1.3"):
             cfg = compose(config_name=config_name, overrides=list(overrides))
         # Paths are made absolute before interpolations resolve, so ranks and jobs agree.

@@ -237,7 +237,7 @@ class OptimConfig:
     grad_accum: int = positive(1)  # micro-batches per optimizer step; the loss spans all of them (engine/accumulate.py)
     grad_clip: float = non_negative(1.0)  # gradient norm clip; 0: none
     # torch's fused AdamW kernel (CPU and CUDA): one pass over the fp32 masters per step instead of
-    # one per arithmetic op; a ViT-S-32's engine step 555 -> 217 ms on a CPU (bench/profile_step.py)
+    # one per arithmetic op, a much shorter engine step (docs/performance.md)
     fused: bool = True
 
 
@@ -334,9 +334,11 @@ class BalanceConfig:
     keeps the image nearest its centroid. The paper's own beta is not public to us."""
 
     beta: float = positive(0.1)  # join i and j when 1 - cos(v_i, v_j) < beta (DanQing's value)
-    k: int = positive(64)  # neighbours a query asks faiss for first; doubled for a query whose k-th is still within beta
+    # neighbours a query asks faiss for first; doubled for a query whose k-th is still within beta
+    k: int = positive(64)
     max_k: int = positive(2048)  # largest kNN k (faiss's GPU cap); a query past it is finished by a CPU range search
-    buckets: int = non_negative(0)  # >0: spherical k-means buckets, pairs searched within a bucket only (SemDeDup; approximate)
+    # >0: spherical k-means buckets, pairs searched within a bucket only (SemDeDup; approximate)
+    buckets: int = non_negative(0)
     block_size: int = positive(65536)  # query rows searched at once, and rows of the base index held at once
     seed: int = 0  # bucket k-means
     out_dir: str = "${match.embed_dir}/balanced"  # keep.txt, report.md/json, component_sizes.png, removed_groups.png
@@ -348,7 +350,8 @@ class ClusterConfig:
     """CLIP-CID pseudo-classes: spherical k-means of the teacher's image embeddings
     (`python -m dime_ds.curate stage=cluster`), read by the cluster-discrimination loss."""
 
-    k: int = positive(1000)  # number of pseudo-classes (CLIP-CID's line uses up to 10^6; the paper's value is not public)
+    # number of pseudo-classes (CLIP-CID's line uses up to 10^6; the paper's value is not public)
+    k: int = positive(1000)
     niter: int = positive(20)  # k-means iterations
     seed: int = 0  # k-means initialisation
     out_dir: str = "${match.embed_dir}/clusters"  # centroids.npy, labels.npz, manifest.json

@@ -29,7 +29,8 @@ def build_report(cfg, cache, labels: np.ndarray, kept: np.ndarray, stats: dict, 
     histogram = np.bincount(sizes)
     return {
         "format_version": REPORT_VERSION, "embeddings": str(cache.directory), "model": cache.model, "dim": cache.dim,
-        "images": n, "kept": int(len(kept)), "removed": int(n - len(kept)), "removed_share": (n - len(kept)) / max(n, 1),
+        "images": n, "kept": int(len(kept)), "removed": int(n - len(kept)),
+        "removed_share": (n - len(kept)) / max(n, 1),
         "beta": float(c.beta), "k": int(c.k), "max_k": int(c.max_k), "buckets": int(c.buckets),
         "exact": not c.buckets, "groups": int(len(roots)), "groups_of_two_or_more": int((sizes > 1).sum()),
         "largest_group": int(sizes[0]) if len(sizes) else 0,

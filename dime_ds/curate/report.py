@@ -74,7 +74,8 @@ def counts_png(counts: np.ndarray, kept_counts: np.ndarray, t: float, path: str 
 
     fig = Figure(figsize=(7.2, 4.2), dpi=100, layout="constrained")
     ax = fig.add_subplot()
-    for values, label, colour in ((counts, "before", (0.6, 0.6, 0.6)), (kept_counts, "after", (70 / 255, 110 / 255, 200 / 255))):
+    for values, label, colour in ((counts, "before", (0.6, 0.6, 0.6)),
+                                  (kept_counts, "after", (70 / 255, 110 / 255, 200 / 255))):
         v = np.sort(values[values > 0])[::-1]
         if len(v):
             ax.step(np.arange(1, len(v) + 1), v, where="post", label=f"{label} ({len(v)} entries)", color=colour)

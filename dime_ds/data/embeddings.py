@@ -93,7 +93,8 @@ def _open_array(directory: Path, path: Path) -> np.ndarray:
     try:
         return np.load(path, mmap_mode="r", allow_pickle=False)
     except FileNotFoundError:
-        raise EmbeddingCacheError(f"embedding cache {directory}: shard file {path.name} of the manifest is missing") from None
+        raise EmbeddingCacheError(f"embedding cache {directory}: shard file {path.name} of the manifest "
+                                  "is missing") from None
     except ValueError as err:  # object arrays need pickle, which is never allowed
         raise EmbeddingCacheError(f"embedding cache {directory}: {path.name} is not a plain array: {err}") from None
 
@@ -127,7 +128,8 @@ def _read_keys(directory: Path, record: Mapping[str, Any]) -> list[str]:
     try:
         keys = path.read_text(encoding="utf-8").splitlines()
     except FileNotFoundError:
-        raise EmbeddingCacheError(f"embedding cache {directory}: key file {path.name} of the manifest is missing") from None
+        raise EmbeddingCacheError(f"embedding cache {directory}: key file {path.name} of the manifest "
+                                  "is missing") from None
     if len(keys) != record["count"]:
         raise EmbeddingCacheError(f"embedding cache {directory}: {path.name} has {len(keys)} keys, the manifest "
                                   f"says {record['count']}")
@@ -358,7 +360,8 @@ def open_image_text_caches(embed_dir: str | os.PathLike) -> tuple[EmbeddingCache
             raise EmbeddingCacheError(f"match.embed_dir={embed_dir}: {err}\nRun `python -m dime_ds.match "
                                       "stage=embed` (same overrides) first.") from None
         if cache.manifest["modality"] != modality:
-            raise EmbeddingCacheError(f"{cache.directory} holds {cache.manifest['modality']} embeddings, not {modality}")
+            raise EmbeddingCacheError(f"{cache.directory} holds {cache.manifest['modality']} embeddings, "
+                                      f"not {modality}")
         caches.append(cache)
     images, texts = caches
     if images.model != texts.model:

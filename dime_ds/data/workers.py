@@ -1,7 +1,7 @@
 """`data.workers=auto`: loader processes per rank from the CPU cores this rank may use. On a CPU-bound
-step a loader process takes its core from the compute (2 cores: a ViT-S-32 step 2.45 s with none, 4.2
-s with one, issue #11's measurement), so with 2 cores or fewer the main process loads; above that the
-rank keeps 2 cores for its own threads and gives the rest to loaders, at most 8."""
+step a loader process takes its core from the compute, and with 2 cores that costs the step more than
+loading in the main process does (docs/performance.md), so with 2 cores or fewer the main process
+loads; above that the rank keeps 2 cores for its own threads and gives the rest to loaders, at most 8."""
 from __future__ import annotations
 
 import os

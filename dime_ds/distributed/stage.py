@@ -63,7 +63,8 @@ class StageContext:
         return self.rank == 0
 
 
-def process_group(dist_cfg: DistConfig, device: str = "auto", *, always: bool = False) -> tuple[WorldInfo, torch.device, bool]:
+def process_group(dist_cfg: DistConfig, device: str = "auto", *,
+                  always: bool = False) -> tuple[WorldInfo, torch.device, bool]:
     """(world view, device, whether a group was made now). A group is made from `dist_cfg`
     (backend, timeout_min) when none exists and the world has several ranks, or `always`
     (DeepSpeed wants one even for a world of one). With `always`, an existing group is checked

@@ -2,10 +2,11 @@
 
 Stage 0 in half precision wraps the optimizer in FP16_UnfusedOptimizer, whose constructor calls
 `optimizer.step()` on zero gradients to create the states. AdamW counts that step: its bias
-correction then runs one step ahead (the first real update came out 0.74x of ZeRO-1's, the curve
-apart from the first step on), and its decoupled weight decay shrinks every weight once at the
-initial learning rate. Here weight decay is held at 0 for the build, so that step leaves every
-weight as it was, and the states it counted are dropped: no real step has been taken yet.
+correction then runs one step ahead (the first real update comes out sqrt(1 + beta2) / (1 + beta1)
+of the right one, and the loss curve parts from ZeRO-1's from the first step on), and its decoupled
+weight decay shrinks every weight once at the initial learning rate. Here weight decay is held at 0
+for the build, so that step leaves every weight as it was, and the states it counted are dropped: no
+real step has been taken yet.
 
 And alone (ZeRO-0, one data-parallel rank) the engine skips its gradient all-reduce, which over one
 rank still flattens every gradient into buckets and copies it back (aten::cat and copy_ in the

@@ -114,8 +114,8 @@ def _describe(layout: dict) -> str:
 
 
 def check_layout(engine, ckpt_dir: Path, tag: str) -> None:
-    """Refuse, naming both, a checkpoint whose engine layout differs from this run's (checkpoints
-    written before the layout was recorded are loaded as before)."""
+    """Refuse, naming both, a checkpoint whose engine layout differs from this run's (a checkpoint
+    with no layout record is loaded unchecked)."""
     path = ckpt_dir / tag / LAYOUT_FILE
     if not path.is_file():
         return

@@ -20,8 +20,8 @@ AUTO = "auto"
 
 def auto_ds_config(world_size: int) -> str:
     """`dist.ds_config=auto`: ZeRO-0 on one rank, ZeRO-1 on more. Alone, ZeRO-1's flat fp32
-    partition buys no memory and costs a step: its bf16 <-> fp32 buffer copies and gradient hooks
-    made a ViT-S-32 step 1.6x the bare student's on a CPU, stage 0's 1.09x (bench/profile_step.py)."""
+    partition buys no memory and costs time every step: its bf16 <-> fp32 buffer copies and gradient
+    hooks, which stage 0 does without (docs/performance.md)."""
     return "zero0" if world_size == 1 else "zero1"
 
 
@@ -33,7 +33,8 @@ def ds_config_path(name_or_path: str, world_size: int = 1) -> Path:
         path = shipped_dir("ds_configs") / f"{name_or_path}.json"
     if not path.is_file():
         available = sorted(p.stem for p in shipped_dir("ds_configs").glob("*.json"))
-        raise ConfigError(f"dist.ds_config={name_or_path!r}: {path} not found (auto, or shipped: {', '.join(available)})")
+        raise ConfigError(f"dist.ds_config={name_or_path!r}: {path} not found "
+                          f"(auto, or shipped: {', '.join(available)})")
     return path
 
 

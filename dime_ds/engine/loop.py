@@ -116,7 +116,8 @@ class Trainer:
             # CUDA generator: devices=[] also spares fork_rng's warning on multi-GPU nodes)
             with torch.random.fork_rng(devices=[]):
                 student = student_flops(lambda: build_run_student(cfg.student, cfg.teacher, self.objective.target_dim,
-                                                                  init=False, ensemble_dims=self.objective.ensemble_dims),
+                                                                  init=False,
+                                                                  ensemble_dims=self.objective.ensemble_dims),
                                         with_text=self.student.has_text)
                 return ModelFlops(student=student, teacher=sum(teacher_flops(t) for t in teachers))
         except Exception as err:  # noqa: BLE001 - a readout

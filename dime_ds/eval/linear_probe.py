@@ -79,5 +79,5 @@ def linear_probe(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Ten
     tx, ty = test_x.to(device, torch.float32), test_y.to(device)
     top1 = accuracy(tx, ty, wb)
     log.info("linear probe: L2 %.0e chosen, test top-1 %.1f %%", best, 100 * top1)
-    return {"top1": top1, "mean_per_class": mean_per_class(tx, ty, wb), "reg": best, "val_top1": sweep.get(best), "sweep": sweep,
-            "train": int(len(train_y)), "test": int(len(test_y)), "classes": n_classes}
+    return {"top1": top1, "mean_per_class": mean_per_class(tx, ty, wb), "reg": best, "val_top1": sweep.get(best),
+            "sweep": sweep, "train": int(len(train_y)), "test": int(len(test_y)), "classes": n_classes}

@@ -26,13 +26,15 @@ def _image_params(module: torch.nn.Module) -> int:
 
 def teacher_encoder(teacher: Teacher, name: str, source: str) -> Encoder:
     return Encoder(name, teacher.encode_image, teacher.encode_text, teacher.tokenizer, dict(teacher.preprocess_cfg),
-                   teacher.device, teacher.dtype, {"source": source, "image_params": _image_params(teacher.model.visual)})
+                   teacher.device, teacher.dtype,
+                   {"source": source, "image_params": _image_params(teacher.model.visual)})
 
 
 def openclip_encoder(spec: str, pretrained: str | None, precision: str, device: torch.device, name: str,
                      key: str = "eval.model") -> Encoder:
     """An OpenCLIP model by name + tag, local-dir:/hf-hub:, or a plain path to a model directory."""
-    arch = f"local-dir:{Path(spec).expanduser().resolve()}" if (Path(spec).expanduser() / CONFIG_NAME).is_file() else spec
+    is_model_dir = (Path(spec).expanduser() / CONFIG_NAME).is_file()
+    arch = f"local-dir:{Path(spec).expanduser().resolve()}" if is_model_dir else spec
     try:
         teacher = load_teacher(TeacherConfig(arch=arch, pretrained=pretrained), device,
                                precision_for("eval", device, precision))
@@ -79,8 +81,8 @@ def load_encoders(eval_cfg: EvalConfig, device: torch.device) -> list[Encoder]:
         model, teacher = checkpoint_encoders(eval_cfg.model, eval_cfg.precision, device,
                                              with_teacher=teacher_spec == "auto")
     else:
-        if not Path(eval_cfg.model).expanduser().exists() and ("/" in eval_cfg.model or eval_cfg.model.startswith(".")) \
-                and ":" not in eval_cfg.model:
+        if not Path(eval_cfg.model).expanduser().exists() \
+                and ("/" in eval_cfg.model or eval_cfg.model.startswith(".")) and ":" not in eval_cfg.model:
             raise EvalModelError(f"eval.model={eval_cfg.model}: no such directory")
         model, teacher = openclip_encoder(eval_cfg.model, eval_cfg.pretrained, eval_cfg.precision, device,
                                           "model"), None

@@ -19,7 +19,8 @@ def _cell(value) -> str:
     return f"{100 * value:.1f}" if isinstance(value, float) else str(value)
 
 
-def table_rows(results: Mapping[str, Mapping[str, dict]], extra_rows: Sequence[Sequence] = ()) -> tuple[list[str], list[list]]:
+def table_rows(results: Mapping[str, Mapping[str, dict]],
+               extra_rows: Sequence[Sequence] = ()) -> tuple[list[str], list[list]]:
     """(header, rows) of percentages; `results` is {model: {dataset: metrics}}. Task means average
     each dataset's headline metric (ELEVATER's way: mean per-class where a set uses it)."""
     models = list(results)
@@ -45,7 +46,8 @@ def table_rows(results: Mapping[str, Mapping[str, dict]], extra_rows: Sequence[S
 
 
 def markdown_table(header: Sequence[str], rows: Sequence[Sequence]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" if i < 2 else "--:" for i in range(len(header))) + "|"]
+    lines = ["| " + " | ".join(header) + " |",
+             "|" + "|".join("---" if i < 2 else "--:" for i in range(len(header))) + "|"]
     lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
     return "\n".join(lines) + "\n"
 

@@ -38,11 +38,11 @@ def mixed_log_probs(logits: Sequence[torch.Tensor], weights: Sequence[float], te
     if len(logits) == 1:
         return F.log_softmax(logits[0] / temperature, dim=-1)
     if combine == "logit":
-        return F.log_softmax(sum(w * l for w, l in zip(weights, logits)) / temperature, dim=-1)
+        return F.log_softmax(sum(w * logit for w, logit in zip(weights, logits)) / temperature, dim=-1)
     if combine != "prob":
         raise ValueError(f"combine must be prob or logit, not {combine!r}")
-    return torch.logsumexp(torch.stack([math.log(w) + F.log_softmax(l / temperature, dim=-1)
-                                        for w, l in zip(weights, logits)]), dim=0)
+    return torch.logsumexp(torch.stack([math.log(w) + F.log_softmax(logit / temperature, dim=-1)
+                                        for w, logit in zip(weights, logits)]), dim=0)
 
 
 class DimeFeatures(NamedTuple):

@@ -117,7 +117,8 @@ def _tensorboard(log_dir: Path, report: dict, sims: np.ndarray, png: Path | None
             writer.add_image("match/similarity_histogram", np.asarray(Image.open(png).convert("RGB")), 0,
                              dataformats="HWC")
         writer.add_text("match/examples", "\n".join(
-            f"{e['image_key']} -> {e['sentence_key']} ({e['similarity']:.3f}): {e['text']}  " for e in report["examples"]), 0)
+            f"{e['image_key']} -> {e['sentence_key']} ({e['similarity']:.3f}): {e['text']}  "
+            for e in report["examples"]), 0)
     finally:
         writer.close()
 

@@ -7,7 +7,7 @@ from dime_ds.models.student import (Student, StudentOutput, build_run_student, b
 from dime_ds.models.teacher import Teacher, TeacherWeightsError, load_teacher, teacher_quick_gelu, uses_quick_gelu
 
 __all__ = [
-    "Student", "StudentOutput", "Teacher", "student_preprocess_cfg", "student_tokenizer", "TeacherWeightsError", "build_run_student",
-    "build_student", "load_teacher", "PRECISIONS", "Precision", "precision_for", "read_openclip_dir", "save_openclip_dir",
-    "teacher_quick_gelu", "uses_quick_gelu",
+    "Student", "StudentOutput", "Teacher", "student_preprocess_cfg", "student_tokenizer", "TeacherWeightsError",
+    "build_run_student", "build_student", "load_teacher", "PRECISIONS", "Precision", "precision_for",
+    "read_openclip_dir", "save_openclip_dir", "teacher_quick_gelu", "uses_quick_gelu",
 ]

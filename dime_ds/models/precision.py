@@ -9,9 +9,8 @@ Why the table says what it says:
 - student: trained, so bf16 where the hardware has it (such CPUs, Ampere and later GPUs: no loss
   scaling); fp16 on older GPUs, which DeepSpeed then loss-scales.
 - eval: fp16 on GPUs; fp32 on CPUs, where bf16 gains nothing and rounds the features.
-- A CPU without native bf16 (AVX2-only x86, most laptops) emulates it about 10x slower than fp32
-  (measured on an AVX2 EPYC: a demo-sized ViT's forward+backward 4 s in bf16, 0.3 s in fp32), so
-  every role runs fp32 there.
+- A CPU without native bf16 (AVX2-only x86, most laptops) emulates it, an order of magnitude
+  slower than fp32 (docs/performance.md#precision), so every role runs fp32 there.
 An explicit value (a config's `precision`, a DeepSpeed JSON's bf16/fp16 `enabled`) always wins."""
 from __future__ import annotations
 

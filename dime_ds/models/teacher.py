@@ -47,8 +47,8 @@ class Teacher(nn.Module):
         # Frozen by its forwards (no_grad), not by requires_grad_(False): torch's matmul decides by the
         # weights' flag how to multiply a transposed 3-D input, and without it expands and copies the
         # attention in-projection weight once per sequence position (nn.MultiheadAttention's
-        # transposed batch): the text tower ran 3x slower on a bf16 CPU (bench/profile_step.py: 2.2 s
-        # against 0.75 s for a ViT-B-32 at batch 32).
+        # transposed batch), which makes the text tower several times slower on a bf16 CPU
+        # (docs/performance.md).
         self.model = model.eval()
         self.model_cfg = model_cfg
         self.preprocess_cfg = preprocess_cfg

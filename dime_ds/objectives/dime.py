@@ -104,7 +104,8 @@ class DimeObjective(Objective):
         self.student_preprocess = student_preprocess_cfg(student.model_cfg)
         self.student_tokenize = student_tokenizer(student) if student.has_text else None
         common = dict(seed=ctx.seed, rank=ctx.world.rank, world=ctx.world.world_size,
-                      workers=loader_workers(data.workers, ctx.world.local_world_size), shuffle_buffer=data.shuffle_buffer)
+                      workers=loader_workers(data.workers, ctx.world.local_world_size),
+                      shuffle_buffer=data.shuffle_buffer)
         keep = KeepList(data.keep) if data.keep else None  # CLIP-CID's semantic balance: kept images only
         if self.views is not None:  # a cache's views come with their parameters; a live teacher's are drawn
             sampler = ViewSampler(self.views, self._stream_preprocess(), seed=ctx.seed, choice=self.view_choice,
@@ -118,7 +119,8 @@ class DimeObjective(Objective):
                                         start=state.get("images"), keep=keep, **common)
         stream = self._stream_teacher
         tokenize = stream.tokenizer if stream is not None else self.student_tokenize  # None: keys are all caches need
-        self.texts = text_batches(list_shards(data.texts), tokenize, ctx.micro_batch, start=state.get("texts"), **common)
+        self.texts = text_batches(list_shards(data.texts), tokenize, ctx.micro_batch, start=state.get("texts"),
+                                  **common)
         if self.cid is not None:
             self.cid.step = state.get("cid_step", 0)
 
@@ -145,8 +147,10 @@ class DimeObjective(Objective):
         images, texts = next(self.images), next(self.texts)
         student = {"images": repreprocess(images["images"], self._stream_preprocess(), self.student_preprocess),
                    "tokens": None}
-        if self.student_tokenize is not None:  # tokenized for the student already unless a live teacher took the stream's
-            student["tokens"] = texts["tokens"] if self._stream_teacher is None else self.student_tokenize(texts["texts"])
+        # tokenized for the student already unless a live teacher took the stream's
+        if self.student_tokenize is not None:
+            student["tokens"] = (texts["tokens"] if self._stream_teacher is None
+                                 else self.student_tokenize(texts["texts"]))
         return {"images": images, "texts": texts, "student": student}
 
     # ------------------------------------------------------------------ step

@@ -20,7 +20,8 @@ STEPS = 8
 
 
 def _train(rank, world_size, overrides, fail_on=None):
-    """Training; with `fail_on`, any checkpoint file whose path matches that pattern (DeepSpeed prefixes bf16_ to a bf16 run's optimizer shards) is cut short by a full disk."""
+    """Training; with `fail_on`, any checkpoint file whose path matches that pattern (DeepSpeed prefixes
+    bf16_ to a bf16 run's optimizer shards) is cut short by a full disk."""
     from dime_ds.training import run_training
 
     if fail_on is not None:

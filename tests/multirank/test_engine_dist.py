@@ -92,7 +92,8 @@ def test_cached_teacher_gives_the_live_loss(tmp_path, tiny_world, tiny_teacher_d
                                       "data.augment=false", "optim.steps=1")
     _write_cache(load_config(live_overrides), tmp_path / "cache")
     cache_overrides = engine_overrides(tmp_path / "cached", tiny_world, tiny_teacher_dir, "data.augment=false",
-                                       "optim.steps=1", "teacher.source=cache", f"teacher.cache_dir={tmp_path / 'cache'}")
+                                       "optim.steps=1", "teacher.source=cache",
+                                       f"teacher.cache_dir={tmp_path / 'cache'}")
     live = run_ranks(_train, 2, live_overrides, timeout=300)[0]["loss"]
     cached = run_ranks(_train, 2, cache_overrides, timeout=300)[0]["loss"]
     for key in ("loss/vl", "loss/pvl", "loss/total"):

@@ -29,7 +29,8 @@ class Student(nn.Module):
 
     def inputs(self, b: dict):
         h = self.tower(b["x_img"])
-        return (b["a_img"], b["a_txt"], self.head_a(h), self.txt(b["x_txt"])), [(b["b_img"], b["b_txt"], self.head_b(h))]
+        return ((b["a_img"], b["a_txt"], self.head_a(h), self.txt(b["x_txt"])),
+                [(b["b_img"], b["b_txt"], self.head_b(h))])
 
 
 def _batch(n_img: int, n_txt: int) -> dict:

@@ -97,7 +97,8 @@ def test_consolidated_fp32_equals_the_masters_gathered_in_training(tmp_path, tin
     # bf16 weights cast to fp32 are bf16-representable; trained fp32 masters are not.
     representable = [k for k, v in masters.items() if torch.equal(v, v.bfloat16().float())]
     assert len(representable) < len(masters) / 10, representable
-    if ds_config != "zero3":  # and they are the masters of the weights the module trained with (unpartitioned below ZeRO-3)
+    # and they are the masters of the weights the module trained with (unpartitioned below ZeRO-3)
+    if ds_config != "zero3":
         states = torch.load(run_dir / "checkpoints" / "step_00000003" / "mp_rank_00_model_states.pt",
                             map_location="cpu", weights_only=False)  # written by this test's own run
         for key, value in states["module"].items():

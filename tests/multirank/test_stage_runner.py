@@ -79,7 +79,8 @@ def _on_main(rank, world, fail):
 def test_on_main_sends_rank_0s_result_or_error_to_every_rank():
     assert run_ranks(_on_main, 2, False, timeout=60) == [("ok", {"written": 7})] * 2
     ranks = run_ranks(_on_main, 2, True, timeout=60)
-    assert ranks[0] == ranks[1] == ("StageError", "writing the manifest failed on 1 rank(s):\nrank 0: OSError: disk full")
+    assert ranks[0] == ranks[1] == ("StageError",
+                                    "writing the manifest failed on 1 rank(s):\nrank 0: OSError: disk full")
 
 
 def _share(n: int, rank: int, world: int) -> np.ndarray:
@@ -105,8 +106,8 @@ def test_gathered_shares_in_rank_order_equal_the_single_process_result():
 
 
 def _next_group_port() -> None:
-    """Destroy the current group, if any (the harness's); the next one is made on the next port (re-making a group on the
-    port just released races with the old store's shutdown: see dime_ds.distributed.stage.stage)."""
+    """Destroy the current group, if any (the harness's); the next one is made on the next port (re-making a
+    group on the port just released races with the old store's shutdown: see dime_ds.distributed.stage.stage)."""
     import os
 
     from dime_ds.distributed.env import shutdown

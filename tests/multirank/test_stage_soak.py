@@ -15,7 +15,7 @@ drawn with a seeded RNG over the steps an uninterrupted run takes, so a failure 
 (SOAK_SEED): a point is drawn uniformly over both ranks' steps (for the n-th embed rerun of a trial,
 over the first 1/n of them: a rerun skips the finished shards), and in a third of the runs the other
 rank gets one too (the first to die usually ends the other: its heartbeats stop). The figures
-(kills, points, files and bytes compared) are printed: run with -s to see them; docs/faults.md
+(kills, points, files and bytes compared) are printed: run with -s to see them; docs/pipeline.md
 quotes them."""
 from __future__ import annotations
 
@@ -123,7 +123,8 @@ def _compare(got_dir: Path, want_dir: Path) -> tuple[int, int]:
         return name in NOT_COMPARED or name.startswith("tensorboard/events.out.tfevents.")
 
     same = {n for n in got if not apart(n)}, {n for n in want if not apart(n)}
-    assert same[0] == same[1], f"{got_dir.name}: extra files {sorted(same[0] - same[1])}, missing {sorted(same[1] - same[0])}"
+    assert same[0] == same[1], (f"{got_dir.name}: extra files {sorted(same[0] - same[1])}, "
+                                f"missing {sorted(same[1] - same[0])}")
     assert sorted(map(_kind, set(got) - same[0])) == sorted(map(_kind, set(want) - same[1]))  # one each
     n_bytes = 0
     for name, path in want.items():
@@ -210,8 +211,9 @@ def test_killed_embed_and_match_rerun_to_the_uninterrupted_bytes(tmp_path, soak_
     for which, reference in (("embed", ref / "embeddings"), ("match", ref / "grounded")):
         f = _soak(which, overrides, work, reference, steps[which], rng, kill_log)
         assert f["kills"] >= TRIALS and f["files"] > 0
-        report.append(f"{which}: {sum(map(len, steps[which]))} kill points ({' + '.join(str(len(s)) for s in steps[which])}"
-                      f" steps on ranks 0 + 1), {f['trials']} trials, {f['runs']} runs, {f['kills']} killed "
+        report.append(f"{which}: {sum(map(len, steps[which]))} kill points "
+                      f"({' + '.join(str(len(s)) for s in steps[which])} steps on ranks 0 + 1), "
+                      f"{f['trials']} trials, {f['runs']} runs, {f['kills']} killed "
                       f"({f['ranks_killed']} ranks SIGKILLed, {f['not_reached']} reruns finished before their "
                       f"kill point), {f['leftovers']} temporaries left by the kills, {f['files']} files / "
                       f"{f['bytes']} bytes compared equal, {f['seconds']:.0f} s\n  killed at: {'; '.join(f['points'])}")

@@ -170,8 +170,8 @@ def test_linear_probe_on_labelled_set_beats_chance(tmp_path, tiny_teacher_dir):
     world = tmp_path / "world"
     write_world(world, OmegaConf.structured(SyntheticConfig(
         seed=5, image_size=32, n_images=8, n_texts=8, n_paired=8, n_eval=320, shard_size=160)), progress=False)
-    res = evaluate_suite(openclip_encoder(tiny_teacher_dir), eval_cfg(colour=(world / "eval" / "colour", "linear_probe")),
-                         progress=False)["colour"]
+    res = evaluate_suite(openclip_encoder(tiny_teacher_dir),
+                         eval_cfg(colour=(world / "eval" / "colour", "linear_probe")), progress=False)["colour"]
     assert res["train"] == 160 and res["test"] == 160 and res["classes"] == 8
     assert res["top1"] > 0.3, res  # chance: 0.125; a random 32-d tower gets about 0.48
 
@@ -229,8 +229,8 @@ def test_eval_cli_reports_missing_dataset_and_refuses_bad_model(tiny_world, tiny
     bad = subprocess.run([*common, f"model={tmp_path}/no/such/model", "suite=synthetic"], capture_output=True,
                          text=True, timeout=120)
     assert bad.returncode == 2 and "no/such/model" in bad.stderr and "Traceback" not in bad.stderr
-    no_suite = subprocess.run([sys.executable, "-m", "dime_ds.eval", f"work_dir={tmp_path}", f"model={tiny_teacher_dir}"],
-                              capture_output=True, text=True, timeout=120)
+    no_suite = subprocess.run([sys.executable, "-m", "dime_ds.eval", f"work_dir={tmp_path}",
+                               f"model={tiny_teacher_dir}"], capture_output=True, text=True, timeout=120)
     assert no_suite.returncode == 2 and "no evaluation datasets: pick a suite" in no_suite.stderr, no_suite.stderr
 
 

@@ -56,7 +56,8 @@ def test_dime_losses_match_the_formulas(n_img, n_txt, dim, own_text):
 
 def test_student_equal_to_teacher_has_zero_loss():
     t_img, t_txt = torch.randn(5, 8), torch.randn(7, 8)
-    out = dime_losses(t_img, t_txt, 3.0 * t_img, t_txt, **{**PAPER, "w_ud": 1.0})  # scale-invariant: cosine similarities
+    # scale-invariant: cosine similarities
+    out = dime_losses(t_img, t_txt, 3.0 * t_img, t_txt, **{**PAPER, "w_ud": 1.0})
     assert all(abs(out[k].item()) < 1e-5 for k in ("vl", "pvl", "ud", "total"))
 
 

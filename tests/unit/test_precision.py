@@ -59,7 +59,8 @@ def test_native_bf16_probe_reads_the_cpu_flags(monkeypatch, tmp_path):
     for flags, want in (("fpu sse avx2", False), ("fpu avx2 avx512f avx512_bf16", True), ("fp asimd bf16", True)):
         info = tmp_path / "cpuinfo"
         info.write_text(f"processor\t: 0\nflags\t\t: {flags}\n")
-        monkeypatch.setattr(builtins, "open", lambda path, *a, **k: real_open(info if path == "/proc/cpuinfo" else path, *a, **k))
+        monkeypatch.setattr(builtins, "open",
+                            lambda path, *a, **k: real_open(info if path == "/proc/cpuinfo" else path, *a, **k))
         P.cpu_has_native_bf16.cache_clear()
         assert P.cpu_has_native_bf16() is want, flags
     P.cpu_has_native_bf16.cache_clear()

@@ -1,4 +1,5 @@
-import numpy as np, pytest
+import numpy as np
+import pytest
 from dime_ds.data.pseudo_labels import PseudoLabels, PseudoLabelError, write_pseudo_labels, UNLABELLED
 def test_roundtrip(tmp_path):
     c = np.random.default_rng(0).normal(size=(3, 4))

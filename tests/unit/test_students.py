@@ -104,7 +104,8 @@ def test_the_image_tower_starts_from_local_timm_or_openclip_weights(tmp_path, ca
         torch.testing.assert_close(student.visual.trunk.state_dict()[key], value)
 
     donor = build_student(_student_cfg("convnext"), TARGET)  # an OpenCLIP model's state: visual.*
-    save_file({f"visual.{k}": v.contiguous() for k, v in donor.visual.state_dict().items()}, str(tmp_path / "oc.safetensors"))
+    save_file({f"visual.{k}": v.contiguous() for k, v in donor.visual.state_dict().items()},
+              str(tmp_path / "oc.safetensors"))
     again = build_run_student(_student_cfg("convnext", init_image=str(tmp_path / "oc.safetensors")), teacher, TARGET)
     for key, value in donor.visual.state_dict().items():
         torch.testing.assert_close(again.visual.state_dict()[key], value)

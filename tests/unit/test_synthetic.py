@@ -200,7 +200,8 @@ def test_paired_captions_describe_their_scene(world_dir):
 
 
 def test_caption_grammar_variety():
-    scene = {"background": "white", "objects": [{"shape": "circle", "colour": "orange", "size": "large", "position": "left"}]}
+    scene = {"background": "white",
+             "objects": [{"shape": "circle", "colour": "orange", "size": "large", "position": "left"}]}
     captions = {syn.caption(scene, np.random.default_rng(i)) for i in range(200)}
     assert len(captions) > 10
     assert all("orange circle" in c and "a orange" not in c for c in captions)
@@ -218,7 +219,8 @@ def _foreground_mean(image, background):
 
 @pytest.mark.parametrize("colour", list(syn.COLOURS))
 def test_object_pixels_are_closest_to_their_colour(colour):
-    scene = {"background": "gray", "objects": [{"shape": "square", "colour": colour, "size": "large", "position": "center"}]}
+    scene = {"background": "gray",
+             "objects": [{"shape": "square", "colour": colour, "size": "large", "position": "center"}]}
     image = syn.render_scene(scene, 64, np.random.default_rng(0))
     # Through JPEG, as the shards store it.
     from io import BytesIO
@@ -230,7 +232,8 @@ def test_object_pixels_are_closest_to_their_colour(colour):
 
 
 def test_render_is_deterministic_and_positions_show():
-    scene = {"background": "black", "objects": [{"shape": "circle", "colour": "yellow", "size": "small", "position": "left"}]}
+    scene = {"background": "black",
+             "objects": [{"shape": "circle", "colour": "yellow", "size": "small", "position": "left"}]}
     a = np.asarray(syn.render_scene(scene, 48, np.random.default_rng(7)))
     b = np.asarray(syn.render_scene(scene, 48, np.random.default_rng(7)))
     assert np.array_equal(a, b)
@@ -241,7 +244,8 @@ def test_render_is_deterministic_and_positions_show():
 def test_all_shapes_render_distinct_masks():
     masks = []
     for shape in syn.SHAPES:
-        scene = {"background": "black", "objects": [{"shape": shape, "colour": "red", "size": "large", "position": "center"}]}
+        scene = {"background": "black",
+                 "objects": [{"shape": shape, "colour": "red", "size": "large", "position": "center"}]}
         masks.append(np.asarray(syn.render_scene(scene, 64, np.random.default_rng(0)))[..., 0] > 120)
     for i in range(len(masks)):
         for j in range(i + 1, len(masks)):
