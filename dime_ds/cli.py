@@ -64,6 +64,8 @@ COMMANDS: dict[str, Command] = {
     "launch": Command("dime_ds.launch", False, "submit a stage to SLURM through submitit (or run it here: --local)"),
     "demo": Command("dime_ds.demo.__main__", True,
                     "the whole pipeline on a synthetic world, on one CPU machine (make demo)"),
+    "study": Command("dime_ds.demo.study", True,
+                     "the demo's comparisons over student seeds, mean ± sd per cell (make study)"),
     "synthetic": Command("dime_ds.demo.synthetic", False,
                          "write the demo's synthetic world (images, sentences, eval sets)"),
 }
@@ -90,6 +92,8 @@ class Own(NamedTuple):
 
 
 _EXPERIMENT = Group("experiment", "experiment", "a small config that sets many keys at once")
+_PRETRAIN = Own("pretrain.<key>", "-", "a key of the demo teacher's recipe (experiment=demo_teacher), e.g. "
+                 "pretrain.optim.steps=1000; a changed recipe trains a teacher of its own")
 _STAGE_KEYS = ("data.images", "data.corpus", "curate.metadata", "curate.t", "match.embed_dir", "match.out_dir")
 
 # What `dime-ds <command> --help` lists under "main keys", in this order. A plain name is a schema key;
@@ -108,10 +112,12 @@ MAIN_KEYS: dict[str, tuple[str | Alias | Group | Own, ...]] = {
              "eval.root", "eval.teacher"),
     "pipeline": (Own("stages", "???", "the stages to run, in the order they run: curate, embed, match "
                                       "(stages=embed,match; see above)"), *_STAGE_KEYS),
-    "demo": ("work_dir", "demo.compare", "optim.steps"),
+    "demo": ("work_dir", "seed", "optim.steps", _PRETRAIN),
+    "study": (Own("seeds", "3", "student seeds per column (0 to seeds-1); the teachers are trained once"),
+              "demo.compare", "work_dir", "optim.steps", _PRETRAIN),
 }
 # The overrides a command composes its config with before the user's (the demo's students: experiment=demo).
-COMPOSED_WITH: dict[str, tuple[str, ...]] = {"demo": ("experiment=demo",)}
+COMPOSED_WITH: dict[str, tuple[str, ...]] = {"demo": ("experiment=demo",), "study": ("experiment=demo",)}
 
 CONFIG_REFERENCE = "docs/config.md"
 

@@ -1,5 +1,5 @@
 """The demo's own config sections, outside the library's RootConfig: the synthetic world
-(`data.root`, `data.synthetic`) and what `make demo` compares (`demo.compare`). A config selects
+(`data.root`, `data.synthetic`) and what `make study` compares (`demo.compare`). A config selects
 this schema through the `schema` group (`schema: demo`); configs/data/synthetic.yaml and
 configs/eval/synthetic.yaml do, so every demo experiment and test on the synthetic world gets it."""
 from __future__ import annotations
@@ -51,8 +51,8 @@ class DemoComparison(Choice):
 
 @dataclass
 class DemoConfig:
-    """What `make demo` (`python -m dime_ds.demo`) trains and compares beside its DIME-FM student and
-    the from-scratch yardstick."""
+    """What `make study` (`python -m dime_ds.demo.study`) trains and compares beside the demo's DIME-FM
+    student and the from-scratch yardstick (`make demo` runs those two alone)."""
 
     compare: List[DemoComparison] = field(default_factory=lambda: list(DemoComparison))
 

@@ -72,13 +72,39 @@ def models_table(cfg: RootConfig, summaries: dict[str, dict], teacher_speed: flo
                    extra_rows=extra, notes=notes)
 
 
+def report(cfg: RootConfig, results: dict, summaries: dict[str, dict], teacher: dict, trained: dict | None,
+           grounding: dict, wall: float) -> None:
+    """The lines under the table, demo_results.json and demo_results.png (in the DIME-FM run's directory)."""
+    from dime_ds.demo.comparisons import grounding_line, grounding_record
+    from dime_ds.demo.summary import bar_chart
+
+    teacher_column, raw_column, baseline_column = results  # the table's columns, marks included
+    shape = {c: 100 * results[c]["shape"]["top1"] for c in results}
+    print("\n" + grounding_line("raw", grounding))
+    print(f"DIME-FM on unpaired data against CLIP from scratch on as many pairs: zero-shot shape top-1 "
+          f"{shape[raw_column]:.1f} % vs {shape[baseline_column]:.1f} % (teacher {shape[teacher_column]:.1f} %); "
+          f"over seeds: `make study ARGS=\"seeds=3 demo.compare=[]\"`")
+    print(f"{cfg.optim.steps} steps x {cfg.optim.global_batch_size} samples for each student; demo wall time "
+          f"{wall:.0f} s" + (f" (teacher trained in {trained['wall_s']:.0f} s)" if trained else " (teacher reused)"))
+    out, world = Path(cfg.run_dir), cfg.data.synthetic
+    speeds = [teacher.get("samples_per_s", 0), *(s.get("samples_per_s", 0) for s in summaries.values())]
+    png = bar_chart(out / "demo_results.png", {c: [r] for c, r in results.items()},
+                    {c: [v] for c, v in zip(results, speeds)},
+                    f"make demo: {cfg.optim.steps} steps x {cfg.optim.global_batch_size} per student",
+                    notes=[f"synthetic world: {world.n_images} unpaired images, {world.n_paired} pairs, "
+                           f"{world.n_eval} test images a set; chance 12.5 % zero-shot; wall time {wall:.0f} s"])
+    atomic.write_json(out / "demo_results.json",
+                      {"eval": results, "students": summaries, "grounding": grounding_record(grounding),
+                       "teacher_training": trained, "teacher": teacher, "wall_s": wall}, indent=2, default=str)
+    print(f"results: {out / 'demo_results.json'} and {png.name}\n"
+          f"TensorBoard: tensorboard --logdir {Path(cfg.work_dir) / 'runs'}")
+
+
 def main(overrides: Sequence[str]) -> int:
     # The stages import torch, DeepSpeed and faiss: after --help and a bad config have been answered.
-    from dime_ds.demo.comparisons import (BASELINE_COLUMN, RAW_COLUMN, TEACHER_COLUMN, ground, grounding_line,
-                                          grounding_record)
+    from dime_ds.demo.comparisons import BASELINE_COLUMN, RAW_COLUMN, ground
     from dime_ds.demo.runs import Runner
     from dime_ds.demo.stopping import StopGuard, Stopped
-    from dime_ds.demo.summary import bar_chart
 
     if any(o.lstrip("+~").startswith("demo.compare") for o in overrides):
         raise ConfigError("demo.compare: the comparisons run in `make study` (python -m dime_ds.demo.study), "
@@ -101,28 +127,7 @@ def main(overrides: Sequence[str]) -> int:
                      for column, cfg in ((RAW_COLUMN, distill_cfg), (BASELINE_COLUMN, baseline_cfg))}
         teacher = teacher_record(distill_cfg, trained)
         results = models_table(distill_cfg, summaries, teacher.get("samples_per_s", 0))
-    wall = time.time() - start
-    shape = {c: 100 * results[c]["shape"]["top1"] for c in results}
-    print("\n" + grounding_line("raw", grounding))
-    print(f"DIME-FM on unpaired data against CLIP from scratch on as many pairs: zero-shot shape top-1 "
-          f"{shape[RAW_COLUMN]:.1f} % vs {shape[BASELINE_COLUMN]:.1f} % (teacher {shape[TEACHER_COLUMN]:.1f} %); "
-          f"over seeds: `make study ARGS=\"seeds=3 demo.compare=[]\"`")
-    print(f"{distill_cfg.optim.steps} steps x {distill_cfg.optim.global_batch_size} samples for each student; "
-          f"demo wall time {wall:.0f} s"
-          + (f" (teacher trained in {trained['wall_s']:.0f} s)" if trained else " (teacher reused)"))
-    out = Path(distill_cfg.run_dir)
-    speeds = {TEACHER_COLUMN: [teacher.get("samples_per_s", 0)],
-              **{c: [s.get("samples_per_s", 0)] for c, s in summaries.items()}}
-    png = bar_chart(out / "demo_results.png", {c: [r] for c, r in results.items()}, speeds,
-                    f"make demo: {distill_cfg.optim.steps} steps x {distill_cfg.optim.global_batch_size} per student",
-                    notes=[f"synthetic world: {distill_cfg.data.synthetic.n_images} unpaired images, "
-                           f"{distill_cfg.data.synthetic.n_paired} pairs, {distill_cfg.data.synthetic.n_eval} test "
-                           f"images a set; chance 12.5 % zero-shot; wall time {wall:.0f} s"])
-    atomic.write_json(out / "demo_results.json",
-                      {"eval": results, "students": summaries, "grounding": grounding_record(grounding),
-                       "teacher_training": trained, "teacher": teacher, "wall_s": wall}, indent=2, default=str)
-    print(f"results: {out / 'demo_results.json'} and {png.name}\n"
-          f"TensorBoard: tensorboard --logdir {Path(distill_cfg.work_dir) / 'runs'}")
+        report(distill_cfg, results, summaries, teacher, trained, grounding, time.time() - start)
     return 0
 
 

@@ -69,7 +69,7 @@ def _curation_line(what: str, r: dict) -> str:
 
 
 class Curation(Comparison):
-    """DIME-FM #16: MetaCLIP curation against the world's concept lists, in both places: the sentence
+    """MetaCLIP in DIME-FM: MetaCLIP curation against the world's concept lists, in both places: the sentence
     pool before it is grounded (demo_curated), and the grounded corpus after Algorithm 1
     (demo_curated_grounded, over the world's objects)."""
 
@@ -110,7 +110,7 @@ class Curation(Comparison):
 
 
 class Balance(Comparison):
-    """CLIP-CID #15: the image pool semantically balanced, scored against the planted duplicates."""
+    """CLIP-CID: the image pool semantically balanced, scored against the planted duplicates."""
 
     name = "balance"
     students = (Student("student DIME-FM (balanced images)", "demo_balanced"),)
@@ -140,7 +140,7 @@ class Balance(Comparison):
 
 
 class Cid(Comparison):
-    """CLIP-CID #15: cluster and instance discrimination beside DIME-FM's terms, on the balanced pool."""
+    """CLIP-CID: cluster and instance discrimination beside DIME-FM's terms, on the balanced pool."""
 
     name = "cid"
     students = (Student("student DIME-FM + CID (balanced)", "demo_cid"),)
@@ -162,7 +162,7 @@ class Cid(Comparison):
 
 
 class Views(Comparison):
-    """Reinforced cache #12: the live teacher (raw column) against the teacher cached as one plain view
+    """The cached teacher: the live teacher (raw column) against the teacher cached as one plain view
     without augmentation and as K augmented views."""
 
     name = "views"
@@ -190,7 +190,7 @@ class Views(Comparison):
 
 
 class Families(Comparison):
-    """Students of any shape #24: a MobileNet-style timm tower with BatchNorm (demo_mobile) distilled
+    """A second student family: a MobileNet-style timm tower with BatchNorm (demo_mobile) distilled
     beside the ViT student from the same teacher and grounded corpus; what a user picks a student by:
     image-tower parameters, forward FLOPs per image and CPU latency, beside zero-shot."""
 
@@ -229,7 +229,7 @@ class Families(Comparison):
 
 
 class Ensemble(Comparison):
-    """Teacher ensembles #25: teacher B (the demo teacher's recipe from another seed) beside teacher A;
+    """Teacher ensembles: teacher B (the demo teacher's recipe from another seed) beside teacher A;
     students distilled from A (the raw column), from B, and from A+B (mean of their softmax
     distributions), on the same grounded corpus and schedule."""
 

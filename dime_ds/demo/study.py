@@ -31,7 +31,6 @@ from dime_ds import atomic
 from dime_ds.cli import run_entry
 from dime_ds.config import ConfigError, load_config
 from dime_ds.config.schema import RootConfig
-from dime_ds.demo.teacher import ensure_teacher, student_overrides, teacher_dir, teacher_record
 
 log = logging.getLogger("dime_ds.demo")
 COMMAND = "make study"
@@ -75,18 +74,49 @@ def differences(results: dict[str, list[dict]], reference: str, students: Sequen
                    for _, ds, key in METRICS]] for m in students if m != reference]
 
 
+def write_study(raw: RootConfig, n: int, compared: list[str], students: list[str], results: dict[str, list[dict]],
+                speeds: dict[str, list[float]], summaries: dict[str, list[dict]], records: dict, lines: list[str],
+                trained: dict, wall: float) -> None:
+    """The tables printed, and <work_dir>/study/study.{md,json,png}."""
+    from dime_ds.demo.comparisons import RAW_COLUMN
+    from dime_ds.demo.summary import METRICS, bar_chart, markdown, rows
+    from dime_ds.log.table import format_table
+
+    models = list(results)
+    header = ["metric (%)", *models]
+    body = rows(results, speeds)
+    diff_header = ["difference from DIME-FM (points)", *[label for label, _, _ in METRICS]]
+    diff_body = differences(results, RAW_COLUMN, students)
+    head = (f"make study: {n} seed{'s' if n > 1 else ''} (0-{n - 1}) per student, mean ± sd; teachers once; "
+            f"{raw.optim.steps} steps x {raw.optim.global_batch_size} samples per student; "
+            f"comparisons: {', '.join(compared) or 'none'}")
+    print(f"\n{head}\n{format_table(header, body)}\n\n{format_table(diff_header, diff_body)}\n\n" + "\n".join(lines)
+          + f"\nwall time {wall:.0f} s")
+    out = Path(raw.work_dir) / "study"
+    png = bar_chart(out / "study.png", results, speeds, f"make study: {n} seed(s), mean ± sd",
+                    notes=[f"{raw.optim.steps} steps x {raw.optim.global_batch_size} per student; "
+                           f"synthetic world, {raw.data.synthetic.n_eval} test images a set; chance 12.5 % zero-shot"])
+    atomic.write_text(out / "study.md", f"{head}\n\n{markdown(header, body)}\nDifferences from "
+                      f"{RAW_COLUMN}, paired by seed (mean ± sd of the per-seed differences, points):\n\n"
+                      f"{markdown(diff_header, diff_body)}\n```\n" + "\n".join(lines).strip("\n")
+                      + f"\n```\n\n![study]({png.name})\n")
+    atomic.write_json(out / "study.json", {"seeds": n, "compare": compared, "results": results,
+                                           "samples_per_s": speeds, "students": summaries, **records,
+                                           "teacher_training": trained, "wall_s": wall}, indent=2, default=str)
+    print(f"results: {out / 'study.md'} (and study.json, {png.name})")
+
+
 def main(argv: Sequence[str]) -> int:
+    n, overrides = parse_seeds(argv)  # answered before torch, DeepSpeed and faiss are imported
     import torch
 
     from dime_ds.demo.comparisons import BASELINE_COLUMN, RAW_COLUMN, TEACHER_COLUMN, ground, grounding_line, selected
     from dime_ds.demo.runs import Runner
     from dime_ds.demo.stopping import StopGuard, Stopped
-    from dime_ds.demo.summary import METRICS, bar_chart, markdown, rows
+    from dime_ds.demo.teacher import ensure_teacher, student_overrides, teacher_dir, teacher_record
     from dime_ds.eval.models import checkpoint_encoders, openclip_encoder
     from dime_ds.eval.suite import evaluate_suite
-    from dime_ds.log.table import format_table
 
-    n, overrides = parse_seeds(argv)
     start = time.time()
 
     def config(experiment: str, seed: int | None = None) -> RootConfig:
@@ -138,29 +168,8 @@ def main(argv: Sequence[str]) -> int:
         for c in comparisons:
             more, records[c.name] = c.lines(cfgs, raw, prepared[c.name], means, mean_summaries)
             lines += more
-    wall = time.time() - start
-    models = list(results)
-    header = ["metric (%)", *models]
-    body = rows(results, speeds)
-    diff_header = ["difference from DIME-FM (points)", *[label for label, _, _ in METRICS]]
-    diff_body = differences(results, RAW_COLUMN, [c for c, _ in students])
-    head = (f"make study: {n} seed{'s' if n > 1 else ''} (0-{n - 1}) per student, mean ± sd; teachers once; "
-            f"{raw.optim.steps} steps x {raw.optim.global_batch_size} samples per student; "
-            f"comparisons: {', '.join(c.name for c in comparisons) or 'none'}")
-    print(f"\n{head}\n{format_table(header, body)}\n\n{format_table(diff_header, diff_body)}\n\n" + "\n".join(lines)
-          + f"\nwall time {wall:.0f} s")
-    out = Path(raw.work_dir) / "study"
-    png = bar_chart(out / "study.png", results, speeds, f"make study: {n} seed(s), mean ± sd",
-                    notes=[f"{raw.optim.steps} steps x {raw.optim.global_batch_size} per student; "
-                           f"synthetic world, {raw.data.synthetic.n_eval} test images a set; chance 12.5 % zero-shot"])
-    atomic.write_text(out / "study.md", f"{head}\n\n{markdown(header, body)}\nDifferences from "
-                      f"{RAW_COLUMN}, paired by seed (mean ± sd of the per-seed differences, points):\n\n"
-                      f"{markdown(diff_header, diff_body)}\n```\n" + "\n".join(lines).strip("\n")
-                      + f"\n```\n\n![study]({png.name})\n")
-    atomic.write_json(out / "study.json", {"seeds": n, "compare": [c.name for c in comparisons], "results": results,
-                                           "samples_per_s": speeds, "students": summaries, **records,
-                                           "teacher_training": trained, "wall_s": wall}, indent=2, default=str)
-    print(f"results: {out / 'study.md'} (and study.json, {png.name})")
+        write_study(raw, n, [c.name for c in comparisons], [c for c, _ in students], results, speeds, summaries,
+                    records, lines, trained, time.time() - start)
     return 0
 
 

@@ -98,11 +98,12 @@ def test_help_imports_no_command_code():
     the launcher imports none."""
     code = ("import sys; from dime_ds.cli import console\n"
             "assert console(['demo', '--help']) == 0\n"
+            "assert console(['study', '--help']) == 0\n"
             "try:\n    console(['launch', '--help'])\nexcept SystemExit as e:\n    assert e.code == 0\n"
             "print('TORCH', 'torch' in sys.modules)")
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr
-    assert "TORCH False" in run.stdout and "demo.compare=" in run.stdout
+    assert "TORCH False" in run.stdout and "demo.compare=" in run.stdout and "seeds=3" in run.stdout
 
 
 @dataclass
