@@ -1,10 +1,10 @@
 """Does MetaCLIP curation change the demo student's zero-shot per shape class beyond seed noise?
-Trains each experiment's DIME-FM student for several seeds on a `make demo` work directory (world,
-teacher, grounded and curated corpora already there) and prints, per shape class, the mean and
+Trains each experiment's DIME-FM student for several seeds on a work directory where the curation
+comparison ran (world, teacher, grounded and curated corpora already there) and prints, per shape class, the mean and
 standard deviation of zero-shot top-1 over the seeds, and each experiment's mean paired difference
 to the first one. Prints a table, writes JSON. A finished seed (its eval report) is not retrained.
 
-    make demo                                                     # prepares work/ (~17 min)
+    make study ARGS="seeds=1 demo.compare=[curation]"             # prepares work/
     .venv/bin/python bench/curation_seeds.py                      # 3 experiments x 5 seeds: ~45 min on 2 cores
     .venv/bin/python bench/curation_seeds.py --seeds 0 1 2 3 --extra student.text=own --tag own
 

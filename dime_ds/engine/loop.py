@@ -98,6 +98,11 @@ class Trainer:
             student, optimizer, config=ds_config,
             lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(
                 opt, lambda step: lr_at(step, cfg.optim) / cfg.optim.lr))
+        # DeepSpeed's plain fp32 path (no ZeRO, no bf16/fp16 wrapper: a CPU without native bf16) records
+        # no gradient norm, and its step zeroes the gradients: the loop takes the norm itself there.
+        e = self.engine
+        self._own_grad_norm = not (e.zero_optimization() or e.bfloat16_enabled() or e.fp16_enabled())
+        self._grad_norm: torch.Tensor | None = None
         self.tb = TBWriter(Path(cfg.run_dir) / "tensorboard", enabled=world.rank == 0 and cfg.log.tensorboard)
         self.stop = StopRequested()
         self.meter = StepMeter()
@@ -185,7 +190,7 @@ class Trainer:
         with self.meter.timed("student_s"):
             losses = objective.losses(objective.student_features(self.forward, batch), targets)
             self.engine.backward(losses["total"])
-            self.engine.step()
+            self._step()
         return losses
 
     def _accumulated_step(self) -> dict:
@@ -207,11 +212,25 @@ class Trainer:
     def _backward_and_step(self, surrogate: torch.Tensor) -> None:
         # Not divided by grad_accum: the surrogate's gradients already sum to the whole batch's.
         self.engine.backward(surrogate, scale_wrt_gas=False)
+        self._step()
+
+    def _step(self) -> None:
+        if self._own_grad_norm and self.engine.is_gradient_accumulation_boundary():
+            # the gradients are all-reduced by now (backward at the boundary); the norm before clipping,
+            # as DeepSpeed's optimizers report it
+            grads = [p.grad for p in self.engine.module.parameters() if p.grad is not None]
+            self._grad_norm = torch.nn.utils.get_total_norm(grads) if grads else None
         self.engine.step()
+
+    def _global_grad_norm(self) -> float | None:
+        norm = self.engine.get_global_grad_norm()
+        if norm is None and self._grad_norm is not None:
+            norm = float(self._grad_norm)
+        return norm
 
     def _log(self, step: int, losses: dict, bar) -> dict:
         lr = self.scheduler.get_last_lr()[0] if self.scheduler else self.cfg.optim.lr
-        values = self.metrics.collect(losses, self.meter.take(), lr, self.engine.get_global_grad_norm(), self.objective)
+        values = self.metrics.collect(losses, self.meter.take(), lr, self._global_grad_norm(), self.objective)
         self.tb.scalars(values, step)
         bar.set_postfix(loss=f"{values.get('loss/total', float('nan')):.4f}",
                         sps=f"{values.get('perf/samples_per_s', 0):.0f}")

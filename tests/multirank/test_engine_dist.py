@@ -141,3 +141,27 @@ def test_corrupt_samples_are_skipped_counted_and_logged(tmp_path, tiny_world, ti
     assert events.Scalars("data/skipped_images")[-1].value >= 1
     assert "similarity/teacher_vs_student" in events.Tags()["images"]
     assert any("config" in tag for tag in events.Tags()["tensors"])
+
+
+def test_fp32_without_zero_logs_the_gradient_norm_zero_reports(tmp_path, tiny_world, tiny_teacher_dir):
+    """DeepSpeed's plain fp32 optimizer (stage 0, no bf16: a CPU without native bf16) records no
+    gradient norm; the loop's own, on 2 ranks, equals the one ZeRO-1's optimizer reports."""
+    import json
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    norms = {}
+    for stage in (0, 1):
+        ds = tmp_path / f"fp32_zero{stage}.json"
+        ds.write_text(json.dumps({"zero_optimization": {"stage": stage}, "bf16": {"enabled": False},
+                                  "fp16": {"enabled": False}}))
+        work = tmp_path / f"zero{stage}"
+        run_ranks(_train, 2, engine_overrides(work, tiny_world, tiny_teacher_dir, f"dist.ds_config={ds}",
+                                              "optim.steps=4"), timeout=300)
+        events = EventAccumulator(str(work / "runs" / "demo" / "tensorboard"))
+        events.Reload()
+        norms[stage] = [(e.step, e.value) for e in events.Scalars("optim/grad_norm")]
+    assert [step for step, _ in norms[0]] == [1, 2, 3, 4]
+    assert all(math.isfinite(v) and v > 0 for _, v in norms[0])
+    for (_, own), (_, zero) in zip(norms[0], norms[1]):
+        assert own == pytest.approx(zero, rel=1e-4)
