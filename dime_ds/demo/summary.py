@@ -52,6 +52,7 @@ def bar_chart(path: str | os.PathLike, results: Mapping[str, Sequence[Mapping[st
               speeds: Mapping[str, Sequence[float]], title: str, notes: Sequence[str] = ()) -> Path:
     """Grouped bars of the headline metrics per model (error bars: sd over seeds where a model has
     several), and training samples/s beside them. Written atomically."""
+    import matplotlib
     from matplotlib.figure import Figure  # no pyplot: no global figure state, no display backend
 
     models = list(results)
@@ -59,7 +60,9 @@ def bar_chart(path: str | os.PathLike, results: Mapping[str, Sequence[Mapping[st
     grid = fig.add_gridspec(1, 4)
     ax, sx = fig.add_subplot(grid[0, :3]), fig.add_subplot(grid[0, 3])
     width = 0.8 / len(models)
-    colours = [f"C{i}" for i in range(len(models))]
+    # the default cycle has 10 colours; a study can show more models than that
+    colours = ([f"C{i}" for i in range(len(models))] if len(models) <= 10
+               else [matplotlib.colormaps["tab20"](i % 20) for i in range(len(models))])
     for i, m in enumerate(models):
         stats = [mean_sd([100 * metric(r, ds, key) for r in results[m]]) for _, ds, key in METRICS]
         x = [j + (i - (len(models) - 1) / 2) * width for j in range(len(METRICS))]
