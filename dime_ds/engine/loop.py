@@ -99,10 +99,12 @@ class Trainer:
             lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(
                 opt, lambda step: lr_at(step, cfg.optim) / cfg.optim.lr))
         # DeepSpeed's plain fp32 path (no ZeRO, no bf16/fp16 wrapper: a CPU without native bf16) records
-        # no gradient norm, and its step zeroes the gradients: the loop takes the norm itself there.
+        # no gradient norm, and its step zeroes the gradients: the loop takes the norm itself there, at the
+        # steps it logs.
         e = self.engine
         self._own_grad_norm = not (e.zero_optimization() or e.bfloat16_enabled() or e.fp16_enabled())
         self._grad_norm: torch.Tensor | None = None
+        self._norm_due = False  # this step is logged and the norm is the loop's to take
         self.tb = TBWriter(Path(cfg.run_dir) / "tensorboard", enabled=world.rank == 0 and cfg.log.tensorboard)
         self.stop = StopRequested()
         self.meter = StepMeter()
@@ -145,6 +147,7 @@ class Trainer:
         summary = {"start_step": start, "image_params": self.image_params, **self.objective.info()}
         step, status = start, "completed"
         while step < steps:
+            self._norm_due = self._own_grad_norm and self._due(step + 1, cfg.log.every_n_steps)
             losses = self._optimizer_step()
             step += 1
             bar.update(1)
@@ -215,7 +218,7 @@ class Trainer:
         self._step()
 
     def _step(self) -> None:
-        if self._own_grad_norm and self.engine.is_gradient_accumulation_boundary():
+        if self._norm_due and self.engine.is_gradient_accumulation_boundary():
             # the gradients are all-reduced by now (backward at the boundary); the norm before clipping,
             # as DeepSpeed's optimizers report it
             grads = [p.grad for p in self.engine.module.parameters() if p.grad is not None]
