@@ -33,6 +33,7 @@ engines use. Each has its own salt, so the image and text streams of one seed ar
 """
 from __future__ import annotations
 
+import collections.abc
 import functools
 import logging
 from typing import Any, Callable, Container, Mapping, Sequence
@@ -287,22 +288,38 @@ def overflows_context(tokenize: Callable, text: str) -> bool:
     return len(encode(text)) + 2 > context
 
 
+def _tokens_and_overflow(tokenize: Callable, text: str) -> tuple[torch.Tensor, bool]:
+    return torch.as_tensor(tokenize([text])[0], dtype=torch.long), overflows_context(tokenize, text)
+
+
+# Sentences come back every epoch (a small pool, a paired set seen for many epochs), and BPE with its
+# text cleaning costs more than the rest of a paired sample's decoding: each sentence is tokenized
+# once per process. Bounded, so a pool of millions costs a few MB per loader process.
+_remembered_tokens = functools.lru_cache(maxsize=1 << 14)(_tokens_and_overflow)
+
+
+def sentence_tokens(tokenize: Callable, text: str) -> tuple[torch.Tensor, bool]:
+    """(token ids [context], whether the tokenizer cut `text`), remembered per (tokenizer, sentence).
+    The ids are shared between the samples of one sentence: batching copies them, nothing writes them."""
+    if not isinstance(tokenize, collections.abc.Hashable):
+        return _tokens_and_overflow(tokenize, text)
+    return _remembered_tokens(tokenize, text)
+
+
 def _text_sample(tokenize: Callable | None, sample: dict) -> dict:
     if "text" not in sample:
         raise SampleError(f"sample {sample['key']} in {sample['url']} has no txt member")
     if tokenize is None:  # cached teacher text embeddings and no student text tower: keys suffice
         return {"texts": sample["text"], "keys": sample["key"]}
-    tokens = torch.as_tensor(tokenize([sample["text"]])[0], dtype=torch.long)
-    return {"tokens": tokens, "texts": sample["text"], "keys": sample["key"],
-            "truncated": overflows_context(tokenize, sample["text"])}
+    tokens, truncated = sentence_tokens(tokenize, sample["text"])
+    return {"tokens": tokens, "texts": sample["text"], "keys": sample["key"], "truncated": truncated}
 
 
 def _paired_sample(transform: Callable, tokenize: Callable, sample: dict) -> dict:
     if "image" not in sample or "text" not in sample:
         raise SampleError(f"sample {sample['key']} in {sample['url']} lacks an image or a caption")
-    tokens = torch.as_tensor(tokenize([sample["text"]])[0], dtype=torch.long)
-    return {"images": transform(sample["image"]), "tokens": tokens, "keys": sample["key"],
-            "truncated": overflows_context(tokenize, sample["text"])}
+    tokens, truncated = sentence_tokens(tokenize, sample["text"])
+    return {"images": transform(sample["image"]), "tokens": tokens, "keys": sample["key"], "truncated": truncated}
 
 
 def _batches(urls, process, fields, batch_size, *, seed, rank, world, workers, shuffle_buffer, start,

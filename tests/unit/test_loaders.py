@@ -187,3 +187,37 @@ def test_a_state_of_another_stream_is_refused(tiny_world):
             _images(tiny_world, **kw, start=state)
     with pytest.raises(ValueError, match="salt"):
         text_batches(list_shards(str(tiny_world / "images")), tokenize, 16, seed=0, shuffle_buffer=16, start=state)
+
+
+class CountingTokenizer:
+    """open_clip's tokenizer, counting the sentences it is asked for."""
+
+    def __init__(self, context_length: int):
+        import open_clip
+
+        self.inner = open_clip.SimpleTokenizer(context_length=context_length)
+        self.encode, self.context_length, self.calls = self.inner.encode, context_length, 0
+
+    def __call__(self, texts):
+        self.calls += len(texts)
+        return self.inner(texts)
+
+
+class UnhashableTokenizer(CountingTokenizer):
+    __hash__ = None  # as a class with __eq__ and no __hash__ (nothing to remember sentences by)
+
+
+@pytest.mark.parametrize("hashable", [True, False])
+def test_each_sentence_is_tokenized_once_per_process_with_the_tokenizers_ids(tmp_path, hashable):
+    """Epochs repeat sentences; their ids and the cut-to-context count are those of one tokenizer call."""
+    with ShardWriter(tmp_path, maxcount=100) as w:
+        for i in range(6):
+            w.write(f"t{i}", {"txt": ("a long sentence of many words " * (i == 0) + f"short {i}").encode()})
+    tokenizer = (CountingTokenizer if hashable else UnhashableTokenizer)(context_length=6)
+    stream = text_batches(w.paths, tokenizer, 3, seed=0, shuffle_buffer=1)
+    batches = [next(stream) for _ in range(6)]  # three passes over the six sentences
+    for b in batches:
+        for key, text, row in zip(b["keys"], b["texts"], b["tokens"]):
+            assert torch.equal(row, tokenizer.inner([text])[0]), key
+    assert stream.truncated == 3  # t0, once a pass
+    assert tokenizer.calls == (6 if hashable else 18)
