@@ -80,8 +80,10 @@ def ensemble_override(*teachers: str) -> str:
 
 
 def engine_overrides(work_dir, world_dir, teacher_dir, *extra: str) -> list[str]:
-    """A seconds-long distillation run on the tiny world (demo student: 64-d, so it is projected)."""
-    return ["experiment=demo", f"work_dir={work_dir}", f"data.root={world_dir}", f"data.texts={world_dir}/texts",
+    """A seconds-long distillation run on the tiny world (demo student: 64-d, so it is projected), in
+    the precision policy's choice for this CPU (the demo itself pins fp32): bf16 where it is native."""
+    return ["experiment=demo", "student.precision=auto", "teacher.precision=auto", f"work_dir={work_dir}",
+            f"data.root={world_dir}", f"data.texts={world_dir}/texts",
             f"teacher.arch=local-dir:{teacher_dir}", "optim.steps=3", "optim.warmup_steps=1",
             "optim.global_batch_size=16", "data.workers=0", "data.shuffle_buffer=8", "log.progress=false",
             "log.every_n_steps=1", "eval.every_n_steps=0", "eval.workers=0", "ckpt.every_n_steps=0", *extra]

@@ -144,7 +144,7 @@ class TeacherConfig:
     arch: str = "ViT-L-14"
     # Pretrained tag (openai, laion2b_s32b_b82k, ...) or a local weights file (.safetensors/.pt/.bin).
     pretrained: Optional[str] = "openai"
-    precision: PrecisionName = PrecisionName.auto  # auto = fp16 on GPU, bf16 on CPU
+    precision: PrecisionName = PrecisionName.auto  # auto = fp16 on GPU, bf16 on CPUs with native bf16, fp32 on others
     shard: TeacherShard = TeacherShard.replicate  # how the teacher is held: a copy per rank, or ZeRO-3 partitioned
     source: TeacherSource = TeacherSource.live  # run the teacher, or read the embed stage's cache (cache_dir)
     cache_dir: Optional[str] = None  # embed-stage output directory, for source=cache
@@ -164,6 +164,9 @@ class StudentConfig:
     # Local weights to start the image tower from (.safetensors, or a torch file read weights-only): a
     # timm or OpenCLIP state dict; keys are matched to the tower and the match is reported. null: random
     init_image: Optional[str] = None
+    # The training precision: auto = bf16 on GPUs that have it (fp16 on older ones), bf16 on CPUs with
+    # native bf16, fp32 on other CPUs; a DeepSpeed JSON's explicit bf16/fp16 section wins
+    precision: PrecisionName = PrecisionName.auto
 
 
 @dataclass

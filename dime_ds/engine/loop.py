@@ -78,7 +78,7 @@ class Trainer:
         self.cfg, self.world, self.device = cfg, world, device
         self.evaluate = evaluate
         ds_config = build_ds_config(cfg.dist.ds_config, cfg.optim, world.world_size,
-                                    precision_for("student", device).name)
+                                    precision_for("student", device, cfg.student.precision).name)
         self.precision = PRECISIONS[engine_precision(ds_config)]  # a JSON's explicit bf16/fp16 wins
         micro = cfg.optim.global_batch_size // (world.world_size * cfg.optim.grad_accum)
         self.objective = build_objective(cfg, RunContext(world, device, micro, self.precision, cfg.seed,

@@ -100,3 +100,19 @@ def test_a_rerun_under_the_same_name_replaces_an_earlier_layouts_checkpoint(tmp_
     assert not list((ckpt / "step_00000002").glob("*optim_states.pt"))
     assert json.loads((ckpt / "step_00000002" / "engine_layout.json").read_text())["zero_stage"] == 0
     assert _final(work)  # consolidated from the rerun's own files
+
+
+def test_student_precision_sets_the_engines_and_a_resume_in_another_is_refused(tmp_path, tiny_world,
+                                                                              tiny_teacher_dir):
+    """`student.precision` overrides the policy's auto (bf16 on this CPU only where it has native bf16)."""
+    work, ckpt = tmp_path / "work", tmp_path / "work" / "runs" / "demo" / "checkpoints"
+    overrides = [*_overrides(work, tiny_world, tiny_teacher_dir), "optim.steps=2", "ckpt.every_n_steps=2"]
+    run_ranks(_train, 1, [*overrides, "student.precision=bf16"], timeout=300)
+    assert json.loads((ckpt / "step_00000002" / "engine_layout.json").read_text())["bf16"] is True
+    with pytest.raises(RankError) as err:
+        run_ranks(_train, 1, [*overrides, "student.precision=fp32", "optim.steps=4", "ckpt.resume=latest"],
+                  timeout=300)
+    assert "ZeRO stage 0, bf16" in str(err.value) and "ZeRO stage 0, fp32" in str(err.value)
+    run_ranks(_train, 1, [*overrides, "student.precision=fp32", "ckpt.resume=latest", "name=fp32"], timeout=300)
+    layout = json.loads((work / "runs" / "fp32" / "checkpoints" / "step_00000002" / "engine_layout.json").read_text())
+    assert layout["bf16"] is False and layout["fp16"] is False
