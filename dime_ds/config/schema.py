@@ -178,6 +178,9 @@ class DataConfig:
     workers: Any = "auto"  # loader processes per rank: auto (from the rank's cores: data/workers.py) or a count
     shuffle_buffer: int = 1000  # samples each loader worker shuffles among
     augment: bool = True  # random resized crop + horizontal flip, as in the paper
+    # Pairs (loss.objective=clip) without augmentation stay decoded after their first epoch, up to this
+    # many MB per loader process: a small paired set read for many epochs is decoded once. 0: never
+    decoded_cache_mb: int = non_negative(0)
     crop_scale_min: float = fraction(0.5)  # smallest crop area (share of the image) of the random resized crop
     # a keep list (one image key a line) or the semantic_balance stage's out dir (its keep.txt): the
     # training image stream skips, and counts, the images not in it (no shard is rewritten)

@@ -323,9 +323,9 @@ def _paired_sample(transform: Callable, tokenize: Callable, sample: dict) -> dic
 
 
 def _batches(urls, process, fields, batch_size, *, seed, rank, world, workers, shuffle_buffer, start,
-             salt, pin_memory, keep=None) -> BatchStream:
+             salt, pin_memory, keep=None, memo_bytes=0) -> BatchStream:
     dataset = ShardStream(urls, process, seed=seed, rank=rank, world=world, shuffle_buffer=shuffle_buffer,
-                          salt=salt, fields=fields, with_meta=True, keep=keep)
+                          salt=salt, fields=fields, with_meta=True, keep=keep, memo_bytes=memo_bytes)
     return BatchStream(dataset, batch_size, workers=workers, start=start, pin_memory=pin_memory)
 
 
@@ -355,11 +355,14 @@ def text_batches(urls: Sequence[str], tokenize: Callable | None, batch_size: int
 def paired_batches(urls: Sequence[str], transform: Callable, tokenize: Callable, batch_size: int, *, seed: int,
                    rank: int = 0, world: int = 1, workers: int = 0, shuffle_buffer: int = 1000,
                    start: Mapping[str, Any] | None = None, salt: str = "paired",
-                   pin_memory: bool = False) -> BatchStream:
-    """Image-caption pairs (the CLIP loss): {"images", "tokens", "keys"}."""
+                   pin_memory: bool = False, memo_bytes: int = 0) -> BatchStream:
+    """Image-caption pairs (the CLIP loss): {"images", "tokens", "keys"}. `memo_bytes` > 0, only for
+    a `transform` without randomness: each loader process keeps that many bytes of decoded pairs
+    after their first use (see ShardStream)."""
     return _batches(urls, functools.partial(_paired_sample, transform, tokenize), (*IMAGE_EXTS, "txt"),
                     batch_size, seed=seed, rank=rank, world=world, workers=workers,
-                    shuffle_buffer=shuffle_buffer, start=start, salt=salt, pin_memory=pin_memory)
+                    shuffle_buffer=shuffle_buffer, start=start, salt=salt, pin_memory=pin_memory,
+                    memo_bytes=memo_bytes)
 
 
 def view_batches(urls: Sequence[str], sampler: Callable[[dict], dict], batch_size: int, *, seed: int,

@@ -99,7 +99,8 @@ class ShardStream(IterableDataset):
 
     def __init__(self, urls: Sequence[str], process: Callable[[dict], Any], *, seed: int = 0,
                  rank: int = 0, world: int = 1, shuffle_buffer: int = 1000, salt: str = "",
-                 fields: Iterable[str] | None = None, with_meta: bool = False, keep: Container[str] | None = None):
+                 fields: Iterable[str] | None = None, with_meta: bool = False, keep: Container[str] | None = None,
+                 memo_bytes: int = 0):
         super().__init__()
         if not urls:
             raise ValueError("ShardStream needs at least one shard")
@@ -124,6 +125,12 @@ class ShardStream(IterableDataset):
         self.damaged: dict[str, dict] = {}  # damaged shards seen by iterators run in this process
         self._start: list[Cursor] | None = None
         self._worker_offset = 0
+        # `memo_bytes` > 0: `process` draws no randomness, so a sample's item is kept after its first
+        # use (per loader process, first come until the budget is spent: epochs read samples in a cycle,
+        # where evicting would keep nothing) and later epochs skip its decoding.
+        self.memo_bytes = memo_bytes
+        self._memo: dict[tuple[str, str], Any] = {}
+        self._memo_used = 0
 
     def resume(self, cursors: Sequence[Sequence[int]] | None, worker_offset: int = 0) -> None:
         """Make the next iterators start logical worker v at `cursors[v]` (one per worker; None: at
@@ -161,6 +168,17 @@ class ShardStream(IterableDataset):
             i += 1
 
     def _process(self, raw: dict, epoch: int, worker: int, position: int) -> Any:
+        memo_key = (raw["__url__"], raw["__key__"]) if self.memo_bytes else None
+        if memo_key in self._memo:
+            return self._memo[memo_key]
+        item = self._decode_and_process(raw, epoch, worker, position)
+        if memo_key is not None:
+            size = _nbytes(item)
+            if self._memo_used + size <= self.memo_bytes:
+                self._memo[memo_key], self._memo_used = item, self._memo_used + size
+        return item
+
+    def _decode_and_process(self, raw: dict, epoch: int, worker: int, position: int) -> Any:
         seed = sample_seed(self.seed, self._salt, epoch, self.rank, worker, position)
         cpu = torch.default_generator  # CPU only: a CUDA generator of the caller is never touched
         torch_state, py_state = cpu.get_state(), random.getstate()
@@ -262,6 +280,12 @@ class ShardStream(IterableDataset):
                              f"{workers}")
         cursor = self._start[worker] if self._start is not None else (0, 0)
         return self.iterate(worker, workers, cursor)
+
+
+def _nbytes(item: Any) -> int:
+    """What a kept item holds: its tensors' bytes, plus a little for the dict and its strings."""
+    values = item.values() if isinstance(item, dict) else (item,)
+    return 256 + sum(v.nbytes if isinstance(v, torch.Tensor) else 64 for v in values)
 
 
 def _shuffled(samples: Iterable[dict], size: int, rng: np.random.Generator) -> Iterator[tuple[dict, bool]]:

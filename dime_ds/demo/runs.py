@@ -46,7 +46,8 @@ def fingerprint(cfg: RootConfig) -> str:
     values = OmegaConf.to_container(cfg, resolve=True)
     for key in IGNORED:
         values.pop(key, None)
-    values["data"].pop("workers", None)
+    for speed_only in ("workers", "decoded_cache_mb"):  # how fast the data comes, not what it is
+        values["data"].pop(speed_only, None)
     if cfg.loss.objective == "dime":
         values["teacher_recipes"] = [_recipe(t.arch) for t in (cfg.teacher, *cfg.ensemble.teachers)]
     return hashlib.sha256(json.dumps(values, sort_keys=True, default=str).encode()).hexdigest()[:16]

@@ -38,7 +38,8 @@ class ClipObjective(Objective):
                                     seed=ctx.seed, rank=ctx.world.rank, world=ctx.world.world_size,
                                     workers=loader_workers(data.workers, ctx.world.local_world_size),
                                     shuffle_buffer=data.shuffle_buffer,
-                                    start=(state or {}).get("pairs"))
+                                    start=(state or {}).get("pairs"),
+                                    memo_bytes=0 if data.augment else data.decoded_cache_mb * 2**20)
 
     def state_dict(self) -> dict:
         return {"pairs": self.pairs.state_dict()}

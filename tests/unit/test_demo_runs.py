@@ -95,6 +95,9 @@ def test_the_fingerprint_follows_the_teacher_recipe(tmp_path):
     assert fingerprint(cfg) != before
     baseline = ["experiment=demo_baseline", f"work_dir={tmp_path}", "optim.warmup_steps=1"]
     assert fingerprint(load_config(baseline)) == fingerprint(load_config([*baseline, "log.progress=false"]))
+    for speed_only in ("data.workers=1", "data.decoded_cache_mb=0"):  # a finished run stays reusable
+        assert fingerprint(load_config(baseline)) == fingerprint(load_config([*baseline, speed_only]))
+    assert fingerprint(load_config(baseline)) != fingerprint(load_config([*baseline, "data.augment=true"]))
     assert runs._recipe("local-dir:/nowhere") is None and runs._recipe("ViT-B-32") is None
 
 

@@ -221,3 +221,44 @@ def test_each_sentence_is_tokenized_once_per_process_with_the_tokenizers_ids(tmp
             assert torch.equal(row, tokenizer.inner([text])[0]), key
     assert stream.truncated == 3  # t0, once a pass
     assert tokenizer.calls == (6 if hashable else 18)
+
+
+class CountingTransform:
+    """The eval transform (no randomness), counting the images it is asked for."""
+
+    def __init__(self):
+        self.inner, self.calls = image_transform(PREPROCESS, train=False), 0
+
+    def __call__(self, image):
+        self.calls += 1
+        return self.inner(image)
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_kept_pairs_are_the_decoded_ones_and_a_budget_bounds_them(tiny_world, workers):
+    """memo_bytes: later epochs reuse a pair's first decoding (only what the budget holds); batches,
+    resume included, are those of a stream that decodes every time."""
+    urls = list_shards(str(tiny_world / "paired"))
+    n = sum(1 for _ in streams.iter_tar_samples(urls))
+    kw = dict(seed=3, shuffle_buffer=8, workers=workers)
+
+    def batches(memo_bytes, count, start=None):
+        transform = CountingTransform()
+        stream = paired_batches(urls, transform, tokenize, 8, memo_bytes=memo_bytes, start=start, **kw)
+        return [next(stream) for _ in range(count)], transform, stream
+
+    count = 3 * n // 8  # batches of three passes over the pairs
+    plain, decoded, _ = batches(0, count)
+    item = streams._nbytes({"images": plain[0]["images"][0], "tokens": plain[0]["tokens"][0], "keys": "k",
+                            "truncated": False})
+    for budget, kept in ((10 * n * item, n), (5 * item, 5)):
+        got, transform, _ = batches(budget, count)
+        for a, b in zip(got, plain):
+            assert a["keys"] == b["keys"]
+            assert torch.equal(a["images"], b["images"]) and torch.equal(a["tokens"], b["tokens"])
+        if not workers:  # the loader process's own counter is out of reach
+            assert decoded.calls == 3 * n and transform.calls == 3 * n - 2 * kept
+    head, _, stream = batches(10 * n * item, 5)
+    tail, _, _ = batches(10 * n * item, count - 5, start=stream.state_dict())
+    for a, b in zip(head + tail, plain):
+        assert a["keys"] == b["keys"] and torch.equal(a["images"], b["images"])
