@@ -90,12 +90,19 @@ def find_tag(ckpt_dir: str | Path, tag: str | None = None, *, missing_ok: bool =
             raise _missing(ckpt_dir, f"its `{LATEST}` file names {tag!r}, which is not a complete checkpoint "
                                      f"(no {tag or '<tag>'}/*model_states.pt); choose a tag")
     elif not model_states(ckpt_dir / tag):
-        raise _missing(ckpt_dir, f"no checkpoint {tag} (no {tag}/*model_states.pt)")
+        # `none` or `false` reach here as strings: Hydra's word for no value is `null`.
+        hint = "; to start without resuming: ckpt.resume=null" if tag.lower() in _NO_RESUME_WORDS else ""
+        raise _missing(ckpt_dir, f"no checkpoint {tag} (no {tag}/*model_states.pt)", hint)
     return tag
 
 
-def _missing(ckpt_dir: Path, what: str) -> CheckpointError:
-    return CheckpointError(f"{ckpt_dir}: {what}; tags in it: {', '.join(checkpoint_tags(ckpt_dir)) or 'none'}")
+_NO_RESUME_WORDS = {"none", "false", "no", "off", "0"}
+
+
+def _missing(ckpt_dir: Path, what: str, hint: str = "") -> CheckpointError:
+    tags = ", ".join(checkpoint_tags(ckpt_dir))
+    held = f"tags in it: {tags}" if tags else "it holds no checkpoint"
+    return CheckpointError(f"{ckpt_dir}: {what}; {held}{hint}")
 
 
 class CheckpointLayoutError(UserError, ValueError):

@@ -217,6 +217,19 @@ def test_unknown_tag_lists_the_tags(run_text_own):
         fp32_state_dict(run_text_own)  # a run dir is not a checkpoint dir
 
 
+def test_a_resume_word_that_is_not_a_tag_is_refused_with_the_way_to_start_fresh(tmp_path):
+    from dime_ds.engine.checkpoint import resolve_tag
+
+    ckpt = tmp_path / "checkpoints"
+    for word in ("none", "False"):  # what `ckpt.resume=none` and `ckpt.resume=false` arrive as
+        fresh = "; it holds no checkpoint; to start without resuming: ckpt.resume=null$"
+        with pytest.raises(CheckpointError, match=f"no checkpoint {word} .*{fresh}"):
+            resolve_tag(ckpt, word)
+    with pytest.raises(CheckpointError) as typo:
+        resolve_tag(ckpt, "step_9")
+    assert "ckpt.resume=null" not in str(typo.value)  # a tag that is not there is not told to start fresh
+
+
 def test_resume_and_consolidation_read_the_layout_alike(tmp_path):
     from dime_ds.engine.checkpoint import resolve_tag
 
