@@ -37,10 +37,10 @@ from dime_ds import atomic
 from dime_ds.cli import run_entry
 from dime_ds.config import ConfigError, load_config
 from dime_ds.config.schema import RootConfig
+from dime_ds.demo.stopping import user_command
 from dime_ds.demo.teacher import ensure_teacher, student_overrides, teacher_dir, teacher_record
 
 log = logging.getLogger("dime_ds.demo")
-COMMAND = "make demo"
 
 
 def models_table(cfg: RootConfig, summaries: dict[str, dict], teacher_speed: float) -> dict:
@@ -83,7 +83,7 @@ def report(cfg: RootConfig, results: dict, summaries: dict[str, dict], teacher: 
     print("\n" + grounding_line("raw", grounding))
     print(f"DIME-FM on unpaired data against CLIP from scratch on as many pairs: zero-shot shape top-1 "
           f"{shape[raw_column]:.1f} % vs {shape[baseline_column]:.1f} % (teacher {shape[teacher_column]:.1f} %); "
-          f"over seeds: `make study ARGS=\"seeds=3 demo.compare=[]\"`")
+          f"over seeds: `{user_command('study', 'seeds=3 demo.compare=[]')}`")
     print(f"{cfg.optim.steps} steps x {cfg.optim.global_batch_size} samples for each student; demo wall time "
           f"{wall:.0f} s" + (f" (teacher trained in {trained['wall_s']:.0f} s)" if trained else " (teacher reused)"))
     out, world = Path(cfg.run_dir), cfg.data.synthetic
@@ -107,21 +107,22 @@ def main(overrides: Sequence[str]) -> int:
     from dime_ds.demo.stopping import StopGuard, Stopped
 
     if any(o.lstrip("+~").startswith("demo.compare") for o in overrides):
-        raise ConfigError("demo.compare: the comparisons run in `make study` (python -m dime_ds.demo.study), "
-                          "e.g. `make study ARGS=\"seeds=1 demo.compare=[views]\"`; `make demo` trains the teacher, "
-                          "the DIME-FM student and the from-scratch one")
+        raise ConfigError(f"demo.compare: the comparisons run in `{user_command('study')}`, e.g. "
+                          f"`{user_command('study', 'seeds=1 demo.compare=[views]')}`; `{user_command('demo')}` "
+                          "trains the teacher, the DIME-FM student and the from-scratch one")
     start = time.time()
 
     def config(experiment: str) -> RootConfig:
         return load_config([f"experiment={experiment}", *student_overrides(overrides)])
 
     distill_cfg, baseline_cfg = config("demo"), config("demo_baseline")
-    with StopGuard(COMMAND) as guard:
+    command = user_command("demo", " ".join(overrides))
+    with StopGuard(command) as guard:
         runner = Runner(guard)
         with guard.training() as late:
-            trained = ensure_teacher(overrides, teacher_dir(distill_cfg), rerun=COMMAND)
+            trained = ensure_teacher(overrides, teacher_dir(distill_cfg), rerun=command)
         if late():
-            raise Stopped(f"stopped after the teacher finished; rerun `{COMMAND}` to go on")
+            raise Stopped(f"stopped after the teacher finished; rerun `{command}` to go on")
         grounding = ground(distill_cfg)
         summaries = {column: {**runner.train(cfg, column), "run_dir": cfg.run_dir}
                      for column, cfg in ((RAW_COLUMN, distill_cfg), (BASELINE_COLUMN, baseline_cfg))}

@@ -31,6 +31,14 @@ log = logging.getLogger("dime_ds.demo")
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
+def user_command(target: str, args: str = "") -> str:
+    """The command line that runs `target` (demo, study) the way the user started this one: `make`
+    exports MAKELEVEL to what it runs, and a wheel install has no Makefile, only `dime-ds`."""
+    if os.environ.get("MAKELEVEL"):
+        return f"make {target}" + (f' ARGS="{args}"' if args else "")
+    return f"dime-ds {target}" + (f" {args}" if args else "")
+
+
 class Stopped(UserError):
     """The command was stopped by a signal after its checkpoint; a rerun resumes. Exit status 3."""
 

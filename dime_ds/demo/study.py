@@ -33,7 +33,6 @@ from dime_ds.config import ConfigError, load_config
 from dime_ds.config.schema import RootConfig
 
 log = logging.getLogger("dime_ds.demo")
-COMMAND = "make study"
 SEEDS = "seeds="
 DEFAULT_SEEDS = 3
 
@@ -112,7 +111,7 @@ def main(argv: Sequence[str]) -> int:
 
     from dime_ds.demo.comparisons import BASELINE_COLUMN, RAW_COLUMN, TEACHER_COLUMN, ground, grounding_line, selected
     from dime_ds.demo.runs import Runner
-    from dime_ds.demo.stopping import StopGuard, Stopped
+    from dime_ds.demo.stopping import StopGuard, Stopped, user_command
     from dime_ds.demo.teacher import ensure_teacher, student_overrides, teacher_dir, teacher_record
     from dime_ds.eval.models import checkpoint_encoders, openclip_encoder
     from dime_ds.eval.suite import evaluate_suite
@@ -132,16 +131,17 @@ def main(argv: Sequence[str]) -> int:
         for _, exp in students:
             config(exp, seed)
     device, eval_cfg = torch.device("cpu"), raw.eval
-    with StopGuard(COMMAND) as guard:
+    command = user_command("study", " ".join(argv))  # a rerun with other seeds would be another study
+    with StopGuard(command) as guard:
         runner = Runner(guard)
         teachers = [(TEACHER_COLUMN, "demo_teacher", "demo")]
         teachers += [(f"teacher B (CLIP, paired, {t})", t, s) for c in comparisons for t, s in c.teachers]
         trained = {}
         for column, experiment, reader in teachers:
             with guard.training() as late:
-                trained[column] = ensure_teacher(overrides, teacher_dir(cfgs[reader]), experiment, rerun=COMMAND)
+                trained[column] = ensure_teacher(overrides, teacher_dir(cfgs[reader]), experiment, rerun=command)
             if late():
-                raise Stopped(f"stopped after {column} finished; rerun `{COMMAND}` to go on")
+                raise Stopped(f"stopped after {column} finished; rerun `{command}` to go on")
         grounding = ground(raw)
         prepared = {c.name: c.prepare(cfgs, raw) for c in comparisons}
         results: dict[str, list[dict]] = {}

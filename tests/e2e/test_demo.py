@@ -21,7 +21,8 @@ TINY = ["data.synthetic.n_images=64", "data.synthetic.n_texts=96", "data.synthet
         "pretrain.optim.steps=3", "pretrain.optim.warmup_steps=1", "pretrain.optim.global_batch_size=16",
         "data.shuffle_buffer=8", "log.progress=false", "eval.every_n_steps=0"]
 MODELS = ("teacher (CLIP, paired)", "student DIME-FM (unpaired)", "student from scratch (paired)")
-ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}
+# As a user would start it, not from make (which `make test` is): the demo's messages name `dime-ds demo`.
+ENV = {**{k: v for k, v in os.environ.items() if k != "MAKELEVEL"}, "PYTHONUNBUFFERED": "1"}
 
 
 def _demo(work_dir: Path, *extra: str) -> subprocess.CompletedProcess:
@@ -106,9 +107,10 @@ def test_sigterm_checkpoints_the_student_ends_the_demo_and_a_rerun_resumes(tmp_p
                 proc.kill()
     assert status == 3, err.read_text()[-3000:]
     said = re.search(r"stopped at step (\d+) of 40 \(student DIME-FM \(unpaired\), checkpoint in (\S+)\); "
-                     r"rerun `make demo` to resume", err.read_text())
+                     r"rerun `dime-ds demo (work_dir=\S+ [^`]*)` to resume", err.read_text())
     assert said, err.read_text()[-3000:]
     stopped_at = int(said.group(1))
+    assert said.group(3).split() == [f"work_dir={tmp_path}", *TINY, *steps]  # the rerun it names is this run
     assert 3 <= stopped_at < 40
     runs = tmp_path / "runs"
     assert not (runs / "demo_baseline").exists()  # the next student never started
@@ -136,5 +138,5 @@ def test_demo_bad_override_fails_fast_with_the_key(tmp_path):
 
 def test_demo_sends_comparisons_to_the_study(tmp_path):
     run = _demo(tmp_path, "demo.compare=[views]")
-    assert run.returncode == 2 and "make study" in run.stderr
+    assert run.returncode == 2 and "`dime-ds study seeds=1 demo.compare=[views]`" in run.stderr
     assert not (tmp_path / "synthetic").exists()

@@ -13,7 +13,7 @@ import pytest
 from dime_ds.config import load_config
 from dime_ds.demo import runs
 from dime_ds.demo.runs import RUN_STATE, Runner, fingerprint, unfinished
-from dime_ds.demo.stopping import StopGuard, Stopped
+from dime_ds.demo.stopping import StopGuard, Stopped, user_command
 from dime_ds.jobs import STOPPED
 
 
@@ -140,3 +140,12 @@ def test_a_forked_loader_process_leaves_the_stop_to_the_command():
         guard._pid = -1  # as seen from a process forked after the guard was installed
         os.kill(os.getpid(), signal.SIGINT)
         assert guard.signum is None
+
+
+def test_the_rerun_named_is_the_command_the_user_typed_with_its_arguments(monkeypatch):
+    monkeypatch.setenv("MAKELEVEL", "1")  # started by make, which exports it
+    assert user_command("demo") == "make demo"
+    assert user_command("study", "seeds=2 demo.compare=[views]") == 'make study ARGS="seeds=2 demo.compare=[views]"'
+    monkeypatch.delenv("MAKELEVEL")  # a wheel install: no Makefile, the console script
+    assert user_command("demo") == "dime-ds demo"
+    assert user_command("study", "seeds=2") == "dime-ds study seeds=2"
