@@ -66,6 +66,8 @@ COMMANDS: dict[str, Command] = {
                     "the whole pipeline on a synthetic world, on one CPU machine (make demo)"),
     "study": Command("dime_ds.demo.study", True,
                      "the demo's comparisons over student seeds, mean ± sd per cell (make study)"),
+    "shards": Command("dime_ds.data.pack", False,
+                      "pack a folder of images or a text file of sentences into the shards the stages read"),
     "synthetic": Command("dime_ds.demo.synthetic", False,
                          "write the demo's synthetic world (images, sentences, eval sets)"),
 }

@@ -18,6 +18,10 @@ from dime_ds.errors import UserError
 _REMOTE_PREFIXES = ("pipe:", "http://", "https://", "s3://", "gs://")
 
 
+_PACK_HINT = ("; a folder of images or a text file of sentences becomes shards with "
+              "`dime-ds shards <folder or file> <out_dir>`")
+
+
 class ShardSpecError(UserError, FileNotFoundError):
     """A shard spec that matches nothing (or names missing files)."""
 
@@ -141,7 +145,7 @@ def list_shards(spec: str | os.PathLike) -> list[str]:
     if os.path.isdir(local):
         found = sorted(glob.glob(os.path.join(glob.escape(local), "*.tar")))
         if not found:
-            raise ShardSpecError(f"no *.tar shards in directory {spec!r}")
+            raise ShardSpecError(f"no *.tar shards in directory {spec!r}{_PACK_HINT}")
         return found
     found, missing = [], []
     for pattern in braceexpand(local):
@@ -153,6 +157,9 @@ def list_shards(spec: str | os.PathLike) -> list[str]:
             missing.append(pattern)
     if not found:
         raise ShardSpecError(f"no shards match {spec!r}")
+    # A damaged .tar is the streams' to report; another file named alone is a user's raw data.
+    if len(found) == 1 and not found[0].endswith(".tar") and not tarfile.is_tarfile(found[0]):
+        raise ShardSpecError(f"{found[0]} is not a tar shard{_PACK_HINT}")
     if missing:
         shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
         raise ShardSpecError(f"shard spec {spec!r} names missing files: {shown}")
