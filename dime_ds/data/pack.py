@@ -2,14 +2,13 @@
 layout, data/shards.py's writer): a folder of images (an ImageFolder or any tree; each sample's json
 keeps the file's path under the folder), or a text file of sentences, one a line.
 
-The set appears under OUT_DIR only when complete (it is written beside it, then renamed), so a stopped
-pack leaves no half set that a stage would read as whole. An image that does not open is skipped and
-named, not packed: a stage would count it as damaged on every epoch."""
+The set appears under OUT_DIR only when complete (atomic.staged_dir), so a stopped pack leaves no half
+set that a stage would read as whole. An image the stages cannot decode is skipped and named, not
+packed: a stage would skip it on every epoch."""
 from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import sys
 from pathlib import Path
 from typing import Sequence
@@ -19,80 +18,57 @@ from dime_ds.cli import run_entry
 from dime_ds.data.shards import ShardWriter
 from dime_ds.errors import UserError
 
-# What the image stream decodes (data/pipelines.py), by file suffix.
-IMAGE_SUFFIXES = {".jpg": "jpg", ".jpeg": "jpeg", ".png": "png", ".webp": "webp"}
 REPORT = "pack.json"
 SHOWN = 5  # names quoted in a message
 
 
 class PackError(UserError, ValueError):
-    """A source that cannot be packed, or an OUT_DIR that already holds shards."""
+    """A source that cannot be packed, or an OUT_DIR that already holds something."""
 
 
-def _fresh_out(out_dir: Path) -> Path:
-    """The directory the set is written in before it becomes `out_dir`."""
+def _check_out(out_dir: Path) -> None:
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
         raise PackError(f"{out_dir} exists and is not an empty directory: choose another OUT_DIR (nothing "
                         "was written)")
-    partial = out_dir.with_name(out_dir.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)  # a stopped pack's, never read by a stage
-    return partial
-
-
-def _publish(partial: Path, out_dir: Path, report: dict) -> None:
-    atomic.write_json(partial / REPORT, report, indent=2)
-    if out_dir.exists():
-        out_dir.rmdir()  # empty (checked before writing)
-    partial.rename(out_dir)
 
 
 def _shown(items: Sequence[str]) -> str:
     return ", ".join(items[:SHOWN]) + (f" and {len(items) - SHOWN} more" if len(items) > SHOWN else "")
 
 
-def _unreadable(path: Path) -> str | None:
-    """Why the image at `path` would not decode, or None."""
-    from PIL import Image
-
-    try:
-        with Image.open(path) as image:
-            image.verify()  # headers and structure, without a full decode
-        return None
-    except Exception as err:  # PIL raises many kinds on a damaged file
-        return f"{type(err).__name__}: {err}"
-
-
 def pack_images(folder: str | Path, out_dir: str | Path, per_shard: int = 10000, progress: bool = True) -> dict:
-    """Every image under `folder`, one sample each, keyed by its rank in path order (a rerun writes
-    the same shards)."""
+    """Every image under `folder` that the stages decode, one sample each, keyed by its rank in path
+    order (a rerun writes the same shards)."""
     from tqdm import tqdm
+
+    from dime_ds.data.pipelines import IMAGE_EXTS, SampleError, decode_image
 
     folder, out_dir = Path(folder), Path(out_dir)
     files = sorted(p for p in folder.rglob("*") if p.is_file())
-    images = [p for p in files if p.suffix.lower() in IMAGE_SUFFIXES]
-    other = sorted({p.suffix.lower() or p.name for p in files if p.suffix.lower() not in IMAGE_SUFFIXES})
+    images = [p for p in files if p.suffix.lower()[1:] in IMAGE_EXTS]
+    other = sorted({p.suffix.lower() or p.name for p in files if p.suffix.lower()[1:] not in IMAGE_EXTS})
     if not images:
-        raise PackError(f"no images in {folder} (looked for {', '.join(IMAGE_SUFFIXES)} files"
+        raise PackError(f"no images in {folder} (looked for {', '.join(IMAGE_EXTS)} files"
                         + (f"; found {_shown(other)}" if other else "") + ")")
-    partial = _fresh_out(out_dir)
+    _check_out(out_dir)
     skipped: dict[str, str] = {}
     packed = 0
-    with ShardWriter(partial, maxcount=per_shard) as writer:
-        for path in tqdm(images, desc="packing images", unit="image", disable=not progress):
-            relative = path.relative_to(folder).as_posix()
-            why = _unreadable(path)
-            if why:
-                skipped[relative] = why
-                continue
-            writer.write(f"{packed:09d}", {IMAGE_SUFFIXES[path.suffix.lower()]: path.read_bytes(),
-                                           "json": json.dumps({"path": relative})})
-            packed += 1
-    if not packed:
-        shutil.rmtree(partial, ignore_errors=True)
-        raise PackError(f"none of the {len(images)} images in {folder} opens: {_shown(list(skipped))}")
-    report = {"source": str(folder.resolve()), "kind": "images", "samples": packed, "shards": len(writer.paths),
-              "skipped": skipped, "ignored": other}
-    _publish(partial, out_dir, report)
+    with atomic.staged_dir(out_dir) as staging:
+        with ShardWriter(staging, maxcount=per_shard) as writer:
+            for path in tqdm(images, desc="packing images", unit="image", disable=not progress):
+                relative, data = path.relative_to(folder).as_posix(), path.read_bytes()
+                try:
+                    decode_image(data)  # the stages' own rule: what they would skip every epoch is not packed
+                except Exception as err:  # SampleError and PIL's many kinds alike
+                    skipped[relative] = str(err) if isinstance(err, SampleError) else f"{type(err).__name__}: {err}"
+                    continue
+                writer.write(f"{packed:09d}", {path.suffix.lower()[1:]: data, "json": json.dumps({"path": relative})})
+                packed += 1
+        if not packed:
+            raise PackError(f"none of the {len(images)} images in {folder} opens: {_shown(list(skipped))}")
+        report = {"source": str(folder.resolve()), "kind": "images", "samples": packed,
+                  "shards": len(writer.paths), "skipped": skipped, "ignored": other}
+        atomic.write_json(staging / REPORT, report, indent=2)
     return report
 
 
@@ -109,13 +85,14 @@ def pack_texts(path: str | Path, out_dir: str | Path, per_shard: int = 100000, p
     sentences = [(number, line.strip()) for number, line in enumerate(lines, 1) if line.strip()]
     if not sentences:
         raise PackError(f"{path} holds no sentences (one a line)")
-    partial = _fresh_out(out_dir)
-    with ShardWriter(partial, maxcount=per_shard) as writer:
-        for number, sentence in tqdm(sentences, desc="packing sentences", unit="sentence", disable=not progress):
-            writer.write(f"{number:09d}", {"txt": sentence})
-    report = {"source": str(path.resolve()), "kind": "sentences", "samples": len(sentences),
-              "shards": len(writer.paths), "blank_lines": len(lines) - len(sentences)}
-    _publish(partial, out_dir, report)
+    _check_out(out_dir)
+    with atomic.staged_dir(out_dir) as staging:
+        with ShardWriter(staging, maxcount=per_shard) as writer:
+            for number, sentence in tqdm(sentences, desc="packing sentences", unit="sentence", disable=not progress):
+                writer.write(f"{number:09d}", {"txt": sentence})
+        report = {"source": str(path.resolve()), "kind": "sentences", "samples": len(sentences),
+                  "shards": len(writer.paths), "blank_lines": len(lines) - len(sentences)}
+        atomic.write_json(staging / REPORT, report, indent=2)
     return report
 
 
@@ -124,7 +101,7 @@ def main(argv: Sequence[str]) -> int:
         prog="dime-ds shards", description=__doc__.split("\n\n")[0],
         epilog="e.g. `dime-ds shards photos/ data/images` then data.images=data/images; "
                "`dime-ds shards sentences.txt data/sentences` then data.corpus=data/sentences")
-    parser.add_argument("source", type=Path, help="a folder of images (jpg, jpeg, png, webp), or a text file")
+    parser.add_argument("source", type=Path, help="a folder of images (jpg, jpeg, png, webp files), or a text file")
     parser.add_argument("out_dir", type=Path, help="where the shards go (new, or an empty directory)")
     parser.add_argument("--per-shard", type=int, default=None,
                         help="samples a shard (default 10000 images or 100000 sentences)")

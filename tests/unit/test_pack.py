@@ -9,6 +9,7 @@ import json
 import pytest
 from PIL import Image
 
+from dime_ds.atomic import temporary
 from dime_ds.cli import console
 from dime_ds.data.pack import REPORT, PackError, pack_images, pack_texts
 from dime_ds.data.pipelines import decode_sample, iter_tar_samples
@@ -57,7 +58,7 @@ def test_an_image_folder_packs_to_shards_the_stages_read_back_byte_for_byte(imag
         assert decode_sample(sample)["image"].size == (24, 16)
     assert len({s["__key__"] for s in samples}) == 4
     assert json.loads((tmp_path / "shards" / REPORT).read_text())["samples"] == 4
-    assert not (tmp_path / "shards.partial").exists()
+    assert not temporary(tmp_path / "shards").exists()
 
     again = pack_images(folder, tmp_path / "again", per_shard=2, progress=False)
     assert again["samples"] == 4
@@ -93,7 +94,7 @@ def test_what_cannot_be_packed_is_refused_naming_it_and_nothing_is_written(image
     (empty / "sub" / "notes.md").write_text("x")
     with pytest.raises(PackError, match=r"no images in .*found \.md"):
         pack_images(empty, tmp_path / "out", progress=False)
-    assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()
+    assert not (tmp_path / "out").exists() and not temporary(tmp_path / "out").exists()
 
 
 def test_a_stopped_pack_leaves_no_set_and_a_rerun_completes(image_folder, tmp_path, monkeypatch):
@@ -101,21 +102,21 @@ def test_a_stopped_pack_leaves_no_set_and_a_rerun_completes(image_folder, tmp_pa
     from dime_ds.data import pack
 
     calls = {"n": 0}
-    real = pack._unreadable
+    real = pack.ShardWriter.write
 
-    def stop_at_the_third(path):
+    def stop_at_the_third(writer, key, fields):
         calls["n"] += 1
         if calls["n"] == 3:
             raise KeyboardInterrupt
-        return real(path)
+        return real(writer, key, fields)
 
-    monkeypatch.setattr(pack, "_unreadable", stop_at_the_third)
+    monkeypatch.setattr(pack.ShardWriter, "write", stop_at_the_third)
     with pytest.raises(KeyboardInterrupt):
         pack_images(folder, tmp_path / "shards", per_shard=1, progress=False)
     assert not (tmp_path / "shards").exists()  # one shard was complete, but no half set under the name
-    monkeypatch.setattr(pack, "_unreadable", real)
+    monkeypatch.setattr(pack.ShardWriter, "write", real)
     assert pack_images(folder, tmp_path / "shards", per_shard=1, progress=False)["samples"] == 4
-    assert len(list_shards(tmp_path / "shards")) == 4 and not (tmp_path / "shards.partial").exists()
+    assert len(list_shards(tmp_path / "shards")) == 4 and not temporary(tmp_path / "shards").exists()
 
 
 def test_the_command_and_the_hint_a_stage_gives_for_raw_files(image_folder, tmp_path, capsys):
